@@ -1,0 +1,162 @@
+"""The public Python API: load a model folder with its tokenizer, then generate, chat or stream text.
+
+    import minicpm4
+    pipe = minicpm4.from_pretrained("path/to/MiniCPM4-0.5B", dtype="bfloat16")
+    print(pipe.chat([{"role": "user", "content": "Hi"}], max_new_tokens=64))
+    for piece in pipe.stream("Once upon a time", temperature=0.7, top_p=0.8):
+        print(piece, end="", flush=True)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from minicpm4.checkpoint import load_model
+from minicpm4.config import MiniCPMConfig, tiny
+from minicpm4.generate import generate_tokens
+from minicpm4.model import MiniCPMForCausalLM, build_model
+from minicpm4.sampling import SamplingParams
+from minicpm4.stop_strings import StopStringFilter
+from minicpm4.tokenizer import StreamDecoder, Tokenizer
+
+BUNDLED_TOKENIZER_DIR = Path(__file__).parent / "assets" / "minicpm4-0.5b"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+Messages = list[dict[str, str]]
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype: unknown value {dtype!r}; choose from {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" or "length"
+    prompt_tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return len(self.token_ids) / self.seconds if self.seconds > 0 else float("inf")
+
+
+def generation_defaults(model_dir: Path | None) -> dict[str, Any]:
+    """Sampling defaults from a folder's generation_config.json (MINICPM4.md §2.6); greedy if absent."""
+    if model_dir is None or not (model_dir / "generation_config.json").is_file():
+        return {}
+    gc = json.loads((model_dir / "generation_config.json").read_text(encoding="utf-8"))
+    if not gc.get("do_sample", False):
+        return {"temperature": 0.0}
+    keys = {"temperature", "top_p", "top_k", "min_p", "repetition_penalty"}
+    return {k: v for k, v in gc.items() if k in keys and v is not None}
+
+
+class Pipeline:
+    """A model, its tokenizer and sampling defaults, with text-in / text-out methods."""
+
+    def __init__(self, model: MiniCPMForCausalLM, tokenizer: Tokenizer, defaults: dict[str, Any] | None = None,
+                 description: str = "") -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.defaults = defaults or {}
+        self.description = description
+
+    @property
+    def config(self) -> MiniCPMConfig:
+        return self.model.config
+
+    def sampling_params(self, params: SamplingParams | None = None, **overrides: Any) -> SamplingParams:
+        if params is not None:
+            if overrides:
+                raise ValueError("pass either a SamplingParams or keyword overrides, not both")
+            return params
+        known = {f.name for f in fields(SamplingParams)}
+        unknown = set(overrides) - known
+        if unknown:
+            raise ValueError(f"unknown sampling parameter(s): {', '.join(sorted(unknown))}")
+        values = {**self.defaults, **{k: v for k, v in overrides.items() if v is not None}}
+        return SamplingParams(**values)
+
+    def encode_prompt(self, prompt: str | Messages) -> list[int]:
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        return self.tokenizer.encode_chat(prompt, add_generation_prompt=True)
+
+    def generate(self, prompts: str | Messages | Sequence[str | Messages], params: SamplingParams | None = None,
+                 **overrides: Any) -> Completion | list[Completion]:
+        """Complete one prompt (str or chat messages) or a batch; returns Completion(s)."""
+        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict))
+        batch = [prompts] if single else list(prompts)
+        params = self.sampling_params(params, **overrides)
+        texts = ["" for _ in batch]
+        token_ids: list[list[int]] = [[] for _ in batch]
+        reasons = ["length" for _ in batch]
+        start = time.perf_counter()
+        for row, text, reason in self.stream_batch(batch, params, token_ids):
+            texts[row] += text
+            if reason is not None:
+                reasons[row] = reason
+        seconds = time.perf_counter() - start
+        out = [Completion(t, ids, r, len(self.encode_prompt(p)), seconds)
+               for t, ids, r, p in zip(texts, token_ids, reasons, batch)]
+        return out[0] if single else out
+
+    def stream_batch(self, prompts: Sequence[str | Messages], params: SamplingParams,
+                     token_ids: list[list[int]] | None = None) -> Iterator[tuple[int, str, str | None]]:
+        """Yield (row, new text, finish reason or None) as tokens arrive, for a batch of prompts.
+        If `token_ids` is given (one list per prompt), the generated ids are appended to it."""
+        ids = [self.encode_prompt(p) for p in prompts]
+        decoders = [StreamDecoder(self.tokenizer, skip_special_tokens=True) for _ in prompts]
+        filters = [StopStringFilter(params.stop) for _ in prompts]
+        should_stop = (lambda row, _: filters[row].stopped) if params.stop else None
+        for step in generate_tokens(self.model, ids, params, should_stop=should_stop):
+            for row, (token, reason) in enumerate(zip(step.tokens, step.finish_reasons)):
+                text = ""
+                if token is not None:
+                    if token_ids is not None:
+                        token_ids[row].append(token)
+                    text = filters[row].push(decoders[row].push(token))
+                if reason is not None:
+                    text += filters[row].push(decoders[row].flush()) + filters[row].flush()
+                if text or reason is not None:
+                    yield row, text, reason
+
+    def stream(self, prompt: str | Messages, params: SamplingParams | None = None, **overrides: Any) -> Iterator[str]:
+        """Yield text pieces for one prompt as they are generated (never a broken character)."""
+        for _, text, _ in self.stream_batch([prompt], self.sampling_params(params, **overrides)):
+            if text:
+                yield text
+
+    def chat(self, messages: Messages, params: SamplingParams | None = None, **overrides: Any) -> str:
+        return self.generate(messages, params, **overrides).text
+
+
+def from_pretrained(path: str | Path, dtype: str | torch.dtype | None = None, device: str = "cpu") -> Pipeline:
+    """Load a Hugging Face MiniCPM4 folder (config.json, safetensors, tokenizer files)."""
+    path = Path(path)
+    model = load_model(path, dtype=parse_dtype(dtype), device=device)
+    tokenizer = Tokenizer.from_pretrained(path)
+    return Pipeline(model, tokenizer, generation_defaults(path), description=str(path))
+
+
+def demo_pipeline(dtype: str | torch.dtype | None = "float32", seed: int = 0) -> Pipeline:
+    """A tiny RANDOMLY INITIALISED MiniCPM4 with the real MiniCPM4 tokenizer: it runs every code path
+    but writes gibberish. It stands in until the trained default model ships (training issue)."""
+    cfg = tiny(vocab_size=73448, eos_token_id=[2, 73440])
+    model = build_model(cfg, dtype=parse_dtype(dtype) or torch.float32, seed=seed)
+    tokenizer = Tokenizer.from_pretrained(BUNDLED_TOKENIZER_DIR)
+    return Pipeline(model, tokenizer, generation_defaults(BUNDLED_TOKENIZER_DIR),
+                    description="tiny random-init demo model (no trained weights yet)")

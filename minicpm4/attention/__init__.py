@@ -1,0 +1,39 @@
+"""Attention backends behind one seam.
+
+The model calls `backend(layer_idx, q, k, v, meta)` with post-RoPE q [B, Hq, T, D] and the new
+k/v [B, Hkv, T, D]; the backend owns cache writes and the attention itself. A backend that selects
+with pre-RoPE q/k (InfLLM v2 `use_nope`) sets `needs_pre_rope` and receives them in `meta`.
+New backends register a factory in BACKENDS; `make_backend(config)` picks one from the config.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+
+from minicpm4.attention.dense import DenseAttention
+from minicpm4.attention.metadata import AttentionMetadata
+from minicpm4.config import MiniCPMConfig
+
+
+class AttentionBackend(Protocol):
+    needs_pre_rope: bool
+
+    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 meta: AttentionMetadata) -> torch.Tensor: ...
+
+
+BACKENDS: dict[str, Callable[[MiniCPMConfig], AttentionBackend]] = {
+    "dense": lambda config: DenseAttention(),
+}
+
+
+def make_backend(config: MiniCPMConfig) -> AttentionBackend:
+    """Dense unless the config carries `sparse_config` and a sparse backend is registered."""
+    if config.sparse_config is not None and "infllmv2" in BACKENDS:
+        return BACKENDS["infllmv2"](config)
+    return BACKENDS["dense"](config)
+
+
+__all__ = ["AttentionBackend", "AttentionMetadata", "BACKENDS", "DenseAttention", "make_backend"]

@@ -1,0 +1,213 @@
+"""The `minicpm4` command. Each subcommand is a thin wrapper over a typed function of the package;
+errors a user can fix are printed as one line (exit status 2), never as a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from minicpm4.config import ConfigError, MiniCPMConfig, PRESETS, preset
+
+EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """A problem with the command line or the files it names: shown as one line."""
+
+
+# ---- shared options --------------------------------------------------------------------------
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", metavar="DIR", help="Hugging Face MiniCPM4 folder (config.json, "
+                   "safetensors, tokenizer). Default: the bundled demo model")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="weight dtype (default: bfloat16 for checkpoints, float32 for the demo model)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+
+
+def add_sampling_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling (defaults: the model's generation_config.json, else greedy)")
+    g.add_argument("--max-new-tokens", "-n", type=int, default=128)
+    g.add_argument("--temperature", "-t", type=float, default=None, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--min-p", type=float, default=None)
+    g.add_argument("--repetition-penalty", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", default=None, metavar="TEXT", help="stop string (repeatable)")
+
+
+def sampling_overrides(args: argparse.Namespace) -> dict:
+    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+            "top_p": args.top_p, "min_p": args.min_p, "repetition_penalty": args.repetition_penalty,
+            "seed": args.seed, "stop": args.stop}
+
+
+def load_pipeline(args: argparse.Namespace):
+    from minicpm4.api import demo_pipeline, from_pretrained
+
+    if args.model is None:
+        print("note: no --model given: using the bundled demo model, a tiny RANDOMLY INITIALISED MiniCPM4 with "
+              "the real MiniCPM4 tokenizer. It exercises every code path but writes gibberish until the "
+              "trained default model ships.", file=sys.stderr)
+        return demo_pipeline(args.dtype or "float32")
+    model_dir = Path(args.model)
+    if not model_dir.is_dir():
+        raise UserError(f"--model {args.model}: not a folder")
+    return from_pretrained(model_dir, dtype=args.dtype or "bfloat16", device=args.device)
+
+
+def read_config(target: str) -> MiniCPMConfig:
+    if target in PRESETS:
+        return preset(target)
+    path = Path(target)
+    if not path.exists():
+        raise UserError(f"{target}: no such folder or file, and not a preset ({', '.join(PRESETS)})")
+    return MiniCPMConfig.from_json(path)
+
+
+# ---- subcommands -----------------------------------------------------------------------------
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    pipe = load_pipeline(args)
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    if not prompt:
+        raise UserError("empty prompt: pass PROMPT or pipe text on stdin")
+    target = [{"role": "user", "content": prompt}] if args.chat else prompt
+    params = pipe.sampling_params(**sampling_overrides(args))
+    start = time.perf_counter()
+    n_tokens = 0
+    prompt_tokens = len(pipe.encode_prompt(target))
+    token_ids: list[list[int]] = [[]]
+    for _, text, _ in pipe.stream_batch([target], params, token_ids):
+        print(text, end="", flush=True)
+    n_tokens = len(token_ids[0])
+    seconds = time.perf_counter() - start
+    print()
+    print(f"[{prompt_tokens} prompt tokens, {n_tokens} generated in {seconds:.2f} s: "
+          f"{n_tokens / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
+
+
+def cmd_chat(args: argparse.Namespace, stdin=None) -> None:
+    stdin = stdin or sys.stdin
+    pipe = load_pipeline(args)
+    params = pipe.sampling_params(**sampling_overrides(args))
+    history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+    interactive = stdin.isatty()
+    print("chat: /reset clears the history, /exit or Ctrl-D quits", file=sys.stderr)
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True)
+        line = stdin.readline()
+        if not line:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            history = history[:1] if args.system else []
+            print("(history cleared)", file=sys.stderr)
+            continue
+        history.append({"role": "user", "content": line})
+        print("assistant> ", end="", flush=True)
+        reply = "".join(piece for piece in _print_stream(pipe.stream(history, params)))
+        print()
+        history.append({"role": "assistant", "content": reply})
+
+
+def _print_stream(pieces):
+    for piece in pieces:
+        print(piece, end="", flush=True)
+        yield piece
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from minicpm4.model_info import summarize
+
+    cfg = read_config(args.target)
+    print("\n".join(summarize(cfg).lines()))
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from minicpm4.export.gguf import export_model_dir
+
+    src = Path(args.model_dir)
+    if not (src / "config.json").is_file():
+        raise UserError(f"{src}: no config.json (expected a Hugging Face MiniCPM4 folder)")
+    out = Path(args.out) if args.out else src / f"model-{args.outtype}.gguf"
+    path = export_model_dir(src, out, args.outtype)
+    print(f"wrote {path} ({path.stat().st_size / 1024**2:.1f} MiB)")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    print("minicpm4 demo: the bundled default model answers one chat turn and one completion.\n"
+          "NOTE: the default is a tiny RANDOMLY INITIALISED model (no trained weights ship yet), so the text\n"
+          "below is gibberish; the point is that loading, tokenizing, ChatML, sampling and streaming run.",
+          file=sys.stderr)
+    args.model, args.chat = None, True
+    args.seed = 0 if args.seed is None else args.seed  # the demo prints the same text every run
+    args.prompt = "What is the capital of France?"
+    cmd_generate(args)
+
+
+# ---- parser ----------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="minicpm4", description="MiniCPM4 in plain PyTorch.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("generate", help="complete a prompt and print tokens/s")
+    p.add_argument("prompt", nargs="?", help="prompt text (default: read stdin)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as one user turn in ChatML")
+    add_model_options(p)
+    add_sampling_options(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat that keeps history and streams replies")
+    p.add_argument("--system", default=None, help="system prompt")
+    add_model_options(p)
+    add_sampling_options(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("info", help="config summary, parameter count, memory per dtype")
+    p.add_argument("target", metavar="MODEL_DIR", help=f"model folder, config.json, or a preset ({', '.join(PRESETS)})")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("convert", help="export a model folder to another format")
+    p.add_argument("model_dir", metavar="MODEL_DIR")
+    p.add_argument("--to", required=True, choices=["gguf"], help="target format")
+    p.add_argument("--outtype", choices=["f32", "bf16"], default="bf16")
+    p.add_argument("--out", "-o", default=None, help="output file (default: MODEL_DIR/model-OUTTYPE.gguf)")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("demo", help="run the main job on the bundled default model")
+    add_sampling_options(p)
+    p.set_defaults(func=cmd_demo, dtype=None, device="cpu")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `minicpm4 info X | head`: the reader left, nothing to report
+        sys.stderr.close()
+        return 0
+    except (UserError, ConfigError, ValueError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        print(f"minicpm4 {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
