@@ -4,6 +4,7 @@ errors a user can fix are printed as one line (exit status 2), never as a traceb
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import time
 from pathlib import Path
@@ -12,6 +13,13 @@ from typing import Sequence
 from minicpm4.config import ConfigError, MiniCPMConfig, PRESETS, preset
 
 EXIT_USAGE = 2
+
+# Subcommands that live beside their feature: each module defines `register(subparsers)` and raises
+# UserError / ValueError for problems a user can fix. Heavy imports stay inside the handlers.
+COMMAND_MODULES = (
+    "minicpm4.data.cli",  # data build-corpus, data build-sft
+    "minicpm4.train.cli",  # train pretrain | long | sft, tunnel, tokenizer train
+)
 
 
 class UserError(Exception):
@@ -189,6 +197,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="run the main job on the bundled default model")
     add_sampling_options(p)
     p.set_defaults(func=cmd_demo, dtype=None, device="cpu")
+
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if not name.startswith(e.name or "\0"):  # a missing dependency inside the module: let it show
+                raise
+            continue  # that feature is not written yet
+        module.register(sub)
     return parser
 
 
