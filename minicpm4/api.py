@@ -32,11 +32,25 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 Messages = list[dict[str, str]]
 
 
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+def default_dtype(device: str | torch.device = "cpu") -> torch.dtype:
+    """bf16 where the hardware computes it natively (CUDA, AVX-512 CPUs), else fp32.
+
+    Measured on an AVX2-only EPYC: a 1x1024 @ 1024x4096 bf16 matmul took 15 ms vs 2.9 ms in fp32
+    (no native bf16, so PyTorch converts on the fly); on AVX-512/AMX CPUs bf16 is the faster one.
+    """
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16
+    return torch.bfloat16 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else torch.float32
+
+
+def parse_dtype(dtype: str | torch.dtype | None, device: str | torch.device = "cpu") -> torch.dtype | None:
+    """None keeps the checkpoint's dtype; "auto" picks the fast one for the device."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        return default_dtype(device)
     if dtype not in DTYPES:
-        raise ValueError(f"dtype: unknown value {dtype!r}; choose from {', '.join(DTYPES)}")
+        raise ValueError(f"dtype: unknown value {dtype!r}; choose from auto, {', '.join(DTYPES)}")
     return DTYPES[dtype]
 
 
@@ -144,15 +158,16 @@ class Pipeline:
         return self.generate(messages, params, **overrides).text
 
 
-def from_pretrained(path: str | Path, dtype: str | torch.dtype | None = None, device: str = "cpu") -> Pipeline:
-    """Load a Hugging Face MiniCPM4 folder (config.json, safetensors, tokenizer files)."""
+def from_pretrained(path: str | Path, dtype: str | torch.dtype | None = "auto", device: str = "cpu") -> Pipeline:
+    """Load a Hugging Face MiniCPM4 folder (config.json, safetensors, tokenizer files).
+    dtype: "auto" (default: fast for the device), None (as stored), or a dtype name."""
     path = Path(path)
-    model = load_model(path, dtype=parse_dtype(dtype), device=device)
+    model = load_model(path, dtype=parse_dtype(dtype, device), device=device)
     tokenizer = Tokenizer.from_pretrained(path)
     return Pipeline(model, tokenizer, generation_defaults(path), description=str(path))
 
 
-def demo_pipeline(dtype: str | torch.dtype | None = "float32", seed: int = 0) -> Pipeline:
+def demo_pipeline(dtype: str | torch.dtype | None = "auto", seed: int = 0) -> Pipeline:
     """A tiny RANDOMLY INITIALISED MiniCPM4 with the real MiniCPM4 tokenizer: it runs every code path
     but writes gibberish. It stands in until the trained default model ships (training issue)."""
     cfg = tiny(vocab_size=73448, eos_token_id=[2, 73440])

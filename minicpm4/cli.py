@@ -31,8 +31,8 @@ class UserError(Exception):
 def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", metavar="DIR", help="Hugging Face MiniCPM4 folder (config.json, "
                    "safetensors, tokenizer). Default: the bundled demo model")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                   help="weight dtype (default: bfloat16 for checkpoints, float32 for the demo model)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
+                   help="weight dtype; auto = bfloat16 on CUDA and AVX-512 CPUs, float32 elsewhere (faster there)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
 
 
@@ -61,11 +61,11 @@ def load_pipeline(args: argparse.Namespace):
         print("note: no --model given: using the bundled demo model, a tiny RANDOMLY INITIALISED MiniCPM4 with "
               "the real MiniCPM4 tokenizer. It exercises every code path but writes gibberish until the "
               "trained default model ships.", file=sys.stderr)
-        return demo_pipeline(args.dtype or "float32")
+        return demo_pipeline(args.dtype)
     model_dir = Path(args.model)
     if not model_dir.is_dir():
         raise UserError(f"--model {args.model}: not a folder")
-    return from_pretrained(model_dir, dtype=args.dtype or "bfloat16", device=args.device)
+    return from_pretrained(model_dir, dtype=args.dtype, device=args.device)
 
 
 def read_config(target: str) -> MiniCPMConfig:
@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run the main job on the bundled default model")
     add_sampling_options(p)
-    p.set_defaults(func=cmd_demo, dtype=None, device="cpu")
+    p.set_defaults(func=cmd_demo, dtype="auto", device="cpu")
 
     for name in COMMAND_MODULES:
         try:
