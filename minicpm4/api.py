@@ -20,7 +20,8 @@ import torch
 from minicpm4.checkpoint import load_model
 from minicpm4.config import MiniCPMConfig, tiny
 from minicpm4.generate import generate_tokens
-from minicpm4.model import MiniCPMForCausalLM, build_model
+from minicpm4.attention import make_backend
+from minicpm4.model import LongRoPE, MiniCPMForCausalLM, build_model
 from minicpm4.sampling import SamplingParams
 from minicpm4.stop_strings import StopStringFilter
 from minicpm4.tokenizer import StreamDecoder, Tokenizer
@@ -158,19 +159,62 @@ class Pipeline:
         return self.generate(messages, params, **overrides).text
 
 
-def from_pretrained(path: str | Path, dtype: str | torch.dtype | None = "auto", device: str = "cpu") -> Pipeline:
+# Context extensions a user asks for by name instead of editing rope_scaling (MINICPM4.md §2.4).
+CONTEXT_EXTENSIONS = {"128k": MiniCPMConfig.with_yarn_128k}
+
+
+def runtime_config(config: MiniCPMConfig, sparse: bool | None = None, sparse_variant: str | None = None,
+                   context_extension: str | None = None) -> MiniCPMConfig:
+    """Options that change how a checkpoint runs, not its weights.
+
+    sparse: True / False turns InfLLM v2 on / off for any checkpoint (on: the config's sparse_config,
+    else the README defaults); None keeps what config.json says. sparse_variant: an InfLLM v2 semantics
+    preset (attention/infllmv2/settings.py), kept as sparse_config["variant"]. context_extension:
+    "128k" applies the report's YaRN-extended LongRoPE factors (rope_factors.py).
+    """
+    if sparse is not None:
+        config = config.with_sparse(sparse)
+    if sparse_variant is not None:
+        if config.sparse_config is None:
+            raise ValueError("sparse_variant: sparse attention is off for this model; turn it on (sparse=True, --sparse on)")
+        config = config.with_sparse(True, variant=sparse_variant)
+    if context_extension is not None:
+        if context_extension not in CONTEXT_EXTENSIONS:
+            raise ValueError(f"context_extension: unknown value {context_extension!r}; choose from {', '.join(CONTEXT_EXTENSIONS)}")
+        config = CONTEXT_EXTENSIONS[context_extension](config)
+    return config
+
+
+def reconfigure(model: MiniCPMForCausalLM, config: MiniCPMConfig) -> MiniCPMForCausalLM:
+    """Run a loaded `model` under `config`, which may differ only in weight-free fields (sparse, RoPE)."""
+    fixed = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "tie_word_embeddings", "scale_emb", "scale_depth", "dim_model_base", "rms_norm_eps")
+    changed = [k for k in fixed if getattr(config, k) != getattr(model.config, k)]
+    assert not changed, f"reconfigure cannot change {changed}: they shape or scale the weights"
+    model.config = config
+    model.rotary = LongRoPE(config)
+    model.attention_backend = make_backend(config)
+    return model
+
+
+def from_pretrained(path: str | Path, dtype: str | torch.dtype | None = "auto", device: str = "cpu",
+                    sparse: bool | None = None, sparse_variant: str | None = None,
+                    context_extension: str | None = None) -> Pipeline:
     """Load a Hugging Face MiniCPM4 folder (config.json, safetensors, tokenizer files).
-    dtype: "auto" (default: fast for the device), None (as stored), or a dtype name."""
+    dtype: "auto" (default: fast for the device), None (as stored), or a dtype name.
+    sparse / sparse_variant / context_extension: see `runtime_config`."""
     path = Path(path)
     model = load_model(path, dtype=parse_dtype(dtype, device), device=device)
+    reconfigure(model, runtime_config(model.config, sparse, sparse_variant, context_extension))
     tokenizer = Tokenizer.from_pretrained(path)
     return Pipeline(model, tokenizer, generation_defaults(path), description=str(path))
 
 
-def demo_pipeline(dtype: str | torch.dtype | None = "auto", seed: int = 0) -> Pipeline:
+def demo_pipeline(dtype: str | torch.dtype | None = "auto", seed: int = 0, sparse: bool | None = None,
+                  sparse_variant: str | None = None, context_extension: str | None = None) -> Pipeline:
     """A tiny RANDOMLY INITIALISED MiniCPM4 with the real MiniCPM4 tokenizer: it runs every code path
     but writes gibberish. It stands in until the trained default model ships (training issue)."""
-    cfg = tiny(vocab_size=73448, eos_token_id=[2, 73440])
+    cfg = runtime_config(tiny(vocab_size=73448, eos_token_id=[2, 73440]), sparse, sparse_variant, context_extension)
     model = build_model(cfg, dtype=parse_dtype(dtype) or torch.float32, seed=seed)
     tokenizer = Tokenizer.from_pretrained(BUNDLED_TOKENIZER_DIR)
     return Pipeline(model, tokenizer, generation_defaults(BUNDLED_TOKENIZER_DIR),

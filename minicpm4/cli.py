@@ -34,6 +34,27 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="weight dtype; auto = bfloat16 on CUDA and AVX-512 CPUs, float32 elsewhere (faster there)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    add_runtime_options(p)
+
+
+def add_runtime_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("attention and context (no weights change; any checkpoint)")
+    g.add_argument("--sparse", choices=["on", "off", "auto"], default="auto",
+                   help="InfLLM v2 sparse attention; auto = whatever config.json says (on when it has sparse_config), "
+                   "on without sparse_config = the README defaults")
+    g.add_argument("--sparse-variant", metavar="NAME", default=None,
+                   help="InfLLM v2 semantics preset (block budget / local window rules), implies --sparse on")
+    g.add_argument("--context", choices=["128k"], default=None,
+                   help="128k: the report's YaRN-extended LongRoPE factors (max 131072 tokens) instead of editing rope_scaling")
+
+
+def runtime_options(args: argparse.Namespace) -> dict:
+    sparse = {"on": True, "off": False, "auto": None}[args.sparse]
+    if args.sparse_variant is not None:
+        if sparse is False:
+            raise UserError("--sparse-variant needs sparse attention; drop --sparse off")
+        sparse = True
+    return {"sparse": sparse, "sparse_variant": args.sparse_variant, "context_extension": args.context}
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -61,11 +82,11 @@ def load_pipeline(args: argparse.Namespace):
         print("note: no --model given: using the bundled demo model, a tiny RANDOMLY INITIALISED MiniCPM4 with "
               "the real MiniCPM4 tokenizer. It exercises every code path but writes gibberish until the "
               "trained default model ships.", file=sys.stderr)
-        return demo_pipeline(args.dtype)
+        return demo_pipeline(args.dtype, **runtime_options(args))
     model_dir = Path(args.model)
     if not model_dir.is_dir():
         raise UserError(f"--model {args.model}: not a folder")
-    return from_pretrained(model_dir, dtype=args.dtype, device=args.device)
+    return from_pretrained(model_dir, dtype=args.dtype, device=args.device, **runtime_options(args))
 
 
 def read_config(target: str) -> MiniCPMConfig:
@@ -196,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="run the main job on the bundled default model")
     add_sampling_options(p)
-    p.set_defaults(func=cmd_demo, dtype="auto", device="cpu")
+    p.set_defaults(func=cmd_demo, dtype="auto", device="cpu", sparse="auto", sparse_variant=None, context=None)
 
     for name in COMMAND_MODULES:
         try:

@@ -290,6 +290,48 @@ class MiniCPMConfig:
         new.source_keys = self.source_keys
         return new
 
+    # ---- runtime switches (no weight changes) -------------------------------------------
+    def with_sparse(self, enabled: bool, variant: str | None = None, **overrides: Any) -> MiniCPMConfig:
+        """InfLLM v2 on (the config's own `sparse_config`, else the README defaults, with `overrides`
+        applied, e.g. dense_len=-1) or off (dense attention). Any checkpoint switches: no weights change.
+        variant names an InfLLM v2 semantics preset (attention/infllmv2/settings.py); it is kept as the
+        extra key sparse_config["variant"], which the remote code ignores."""
+        if not enabled:
+            if overrides or variant is not None:
+                raise ConfigError("sparse_config: overrides given while turning sparse attention off")
+            return self.replace(sparse_config=None)
+        base = self.sparse_config or SparseConfig()
+        known = {f.name for f in dataclasses.fields(SparseConfig)} - {"extra"}
+        unknown = set(overrides) - known
+        if unknown:
+            raise ConfigError(f"sparse_config: unknown key(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+        extra = dict(base.extra) if variant is None else {**base.extra, "variant": variant}
+        sparse = dataclasses.replace(base, **overrides, extra=extra)
+        sparse.validate()
+        return self.replace(sparse_config=sparse)
+
+    def with_yarn_128k(self) -> MiniCPMConfig:
+        """The report's 128K context extension (MINICPM4.md §2.4; rope_factors.py): both LongRoPE lists
+        become the YaRN-extended list, original_max_position_embeddings stays 32768 and
+        max_position_embeddings becomes 131072. Refuses a model that was not trained to 32K with LongRoPE."""
+        from minicpm4.rope_factors import EXTENDED_CONTEXT, ORIGINAL_CONTEXT, factors_128k
+
+        rs = self.rope_scaling
+        if rs is None:
+            _fail("rope_scaling", "the 128K extension multiplies the model's LongRoPE factors, but this config has none")
+        if rs.original_max_position_embeddings != ORIGINAL_CONTEXT:
+            _fail("rope_scaling.original_max_position_embeddings",
+                  f"the 128K list extends a model trained to {ORIGINAL_CONTEXT} tokens; this one says "
+                  f"{rs.original_max_position_embeddings} (e.g. MiniCPM4.1 ships its own list): edit rope_scaling instead")
+        if self.max_position_embeddings >= EXTENDED_CONTEXT:  # applying it twice would stretch twice
+            _fail("max_position_embeddings", f"already {self.max_position_embeddings}: the 128K extension applies to a "
+                  f"32K model, and this config looks extended already")
+        if list(rs.long_factor) != list(rs.short_factor):
+            _fail("rope_scaling.short_factor", "differs from long_factor; the 128K recipe assumes short == long")
+        factors = factors_128k(self.head_dim, rs.long_factor)
+        new_rs = dataclasses.replace(rs, long_factor=list(factors), short_factor=list(factors), extra=dict(rs.extra))
+        return self.replace(rope_scaling=new_rs, max_position_embeddings=EXTENDED_CONTEXT)
+
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write via a temp file in the same folder + rename, so readers never see half a file."""

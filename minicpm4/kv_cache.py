@@ -7,6 +7,8 @@ see them: no padding mask is ever needed.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 
@@ -18,6 +20,9 @@ class StaticKVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.max_seq_len = max_seq_len
         self.batch_size = batch_size
+        # What an attention backend derives from these K/V and must keep across calls (InfLLM v2's
+        # compressed keys, keyed by backend name): it lives and dies with the cache it summarises.
+        self.backend_state: dict[str, Any] = {}
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, batch_size: int, max_seq_len: int) -> StaticKVCache:

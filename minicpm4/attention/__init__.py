@@ -24,16 +24,21 @@ class AttentionBackend(Protocol):
                  meta: AttentionMetadata) -> torch.Tensor: ...
 
 
+def _infllmv2(config: MiniCPMConfig) -> AttentionBackend:
+    from minicpm4.attention.infllmv2.backend import make_infllmv2_backend  # imported on use: keeps dense light
+
+    return make_infllmv2_backend(config)
+
+
 BACKENDS: dict[str, Callable[[MiniCPMConfig], AttentionBackend]] = {
     "dense": lambda config: DenseAttention(),
+    "infllmv2": _infllmv2,
 }
 
 
 def make_backend(config: MiniCPMConfig) -> AttentionBackend:
-    """Dense unless the config carries `sparse_config` and a sparse backend is registered."""
-    if config.sparse_config is not None and "infllmv2" in BACKENDS:
-        return BACKENDS["infllmv2"](config)
-    return BACKENDS["dense"](config)
+    """InfLLM v2 when the config carries `sparse_config` (never a silent dense fallback), else dense."""
+    return BACKENDS["infllmv2" if config.sparse_config is not None else "dense"](config)
 
 
 __all__ = ["AttentionBackend", "AttentionMetadata", "BACKENDS", "DenseAttention", "make_backend"]

@@ -16,7 +16,8 @@ class AttentionMetadata:
     positions: torch.Tensor
     # None: a plain causal forward over the T tokens (training, one-shot scoring).
     kv_cache: StaticKVCache | None = None
-    # Per-backend state that lives as long as the cache (e.g. InfLLM v2 compressed-key caches).
+    # Per-call hand-over from the model to the backend (e.g. pre-RoPE q/k for InfLLM v2 use_nope).
+    # State that must outlive the call (InfLLM v2 compressed keys) lives on `kv_cache.backend_state`.
     backend_state: dict[str, Any] = field(default_factory=dict)
 
     @property

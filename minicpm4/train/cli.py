@@ -1,0 +1,255 @@
+"""`minicpm4 train pretrain | long | sft`: thin wrappers over stages.* and trainer.train.
+
+The same command runs under `torchrun --nproc_per_node N minicpm4 train ...` (DDP by default, --parallel
+fsdp for FSDP2). Each run folder holds metrics.jsonl, loss.png, checkpoints/ and, at the end, final/ (a
+Hugging Face model folder with the tokenizer). Re-running with --resume continues from the latest
+checkpoint with the settings stored in it; an explicit flag that contradicts them is an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+from minicpm4.cli import UserError
+
+# flag -> TrainConfig field, for flags whose argparse default is None ("take the preset's value")
+TRAIN_FLAGS = {
+    "batch_size": "micro_batch_size", "grad_accum": "grad_accum", "seq_len": "seq_len", "lr": "lr",
+    "warmup": "warmup_steps", "decay": "decay_steps", "decay_shape": "decay_shape", "min_lr_ratio": "min_lr_ratio",
+    "weight_decay": "weight_decay", "grad_clip": "grad_clip", "mtp_weight": "mtp_weight", "dtype": "dtype",
+    "parametrization": "parametrization", "seed": "seed", "eval_batches": "eval_batches",
+}
+# fields a resumed run may change freely
+RESUME_FREE = ("out_dir", "steps", "parallel", "device", "eval_every", "save_every", "keep_last", "log_every",
+               "progress", "peak_flops", "compile", "eval_batches")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="pretrain, long-context and SFT training (also under torchrun)")
+    stages = p.add_subparsers(dest="stage", metavar="STAGE")
+    stages.required = True
+
+    s = stages.add_parser("pretrain", help="pre-train from scratch on token shards (muP, WSD, MTP)")
+    s.add_argument("--data", required=True, metavar="DIR", help="token-shard folder (train.bin, val.bin, meta.json)")
+    s.add_argument("--model-config", default="cpu-10m", metavar="PRESET|JSON",
+                   help="model preset (cpu-10m, tiny, minicpm4-0.5b, minicpm4-8b) or a config.json; vocab and "
+                        "BOS/EOS of a preset come from the data's meta.json (default: cpu-10m)")
+    _common(s)
+    s.set_defaults(func=cmd_pretrain)
+
+    s = stages.add_parser("long", help="continue at a longer sequence length (LongRoPE; --sparse: InfLLM v2)")
+    s.add_argument("--init", required=True, metavar="MODEL_DIR", help="HF model folder or a training run folder")
+    s.add_argument("--data", required=True, metavar="DIR", help="token-shard folder")
+    s.add_argument("--sparse", action="store_true", help="switch on InfLLM v2 sparse attention (sparse_config)")
+    s.add_argument("--trained-len", type=int, default=None,
+                   help="sequence length the model was trained at (only used when it has no LongRoPE factors)")
+    _common(s)
+    s.set_defaults(func=cmd_long)
+
+    s = stages.add_parser("sft", help="supervised fine-tuning on chat JSONL ({\"messages\": [...]}, loss on assistant turns)")
+    s.add_argument("--init", required=True, metavar="MODEL_DIR", help="HF model folder or a training run folder")
+    s.add_argument("--data", required=True, metavar="JSONL", help="training conversations")
+    s.add_argument("--val-data", default=None, metavar="JSONL", help="validation conversations")
+    _common(s)
+    s.set_defaults(func=cmd_sft)
+
+
+def _common(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder: checkpoints, metrics, final model")
+    s.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    s.add_argument("--tokenizer", default=None, metavar="DIR", help="tokenizer folder (copied into RUN_DIR/final)")
+    s.add_argument("--steps", type=int, default=None, help="optimizer steps (default 1000)")
+    g = s.add_argument_group("batch and optimizer (default: the stage preset)")
+    g.add_argument("--batch-size", type=int, default=None, help="sequences per micro-batch per process")
+    g.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step")
+    g.add_argument("--seq-len", type=int, default=None)
+    g.add_argument("--lr", type=float, default=None, help="peak (muP base) learning rate")
+    g.add_argument("--warmup", type=int, default=None, help="warmup steps")
+    g.add_argument("--decay", type=int, default=None, help="decay steps (the last steps of the run)")
+    g.add_argument("--decay-shape", choices=["linear", "cosine", "exp", "1-sqrt"], default=None)
+    g.add_argument("--min-lr-ratio", type=float, default=None, help="final LR / peak LR")
+    g.add_argument("--weight-decay", type=float, default=None)
+    g.add_argument("--grad-clip", type=float, default=None, help="max gradient norm (0 = off)")
+    g.add_argument("--mtp-weight", type=float, default=None, help="λ of the MTP loss (0 = no MTP head)")
+    g.add_argument("--parametrization", choices=["mup", "standard"], default=None)
+    g.add_argument("--seed", type=int, default=None)
+    g = s.add_argument_group("run")
+    g.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="autocast dtype (default bfloat16)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the training module")
+    g.add_argument("--parallel", choices=["auto", "none", "ddp", "fsdp"], default="auto",
+                   help="under torchrun: DDP (auto) or FSDP2")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    g.add_argument("--eval-every", type=int, default=0, help="steps between validation runs (0: at the end)")
+    g.add_argument("--eval-batches", type=int, default=None, help="validation micro-batches per process")
+    g.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: at the end)")
+    g.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
+    g.add_argument("--peak-tflops", type=float, default=None, help="per-device peak for MFU (default: measured)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar / step lines")
+    g.add_argument("--no-document-mask", action="store_true", help="let attention cross packed documents")
+
+
+# ---- shared plumbing ---------------------------------------------------------------------------------
+
+def _overrides(args: argparse.Namespace) -> dict:
+    out = {field: getattr(args, flag) for flag, field in TRAIN_FLAGS.items() if getattr(args, flag) is not None}
+    out.update(out_dir=str(args.out), parallel=args.parallel, device=args.device, eval_every=args.eval_every,
+               save_every=args.save_every, keep_last=args.keep, compile=args.compile, progress=not args.no_progress,
+               peak_flops=None if args.peak_tflops is None else args.peak_tflops * 1e12)
+    if args.no_document_mask:
+        out["document_mask"] = False
+    return out
+
+
+def _resumed(args: argparse.Namespace, model_config, cfg):
+    """With --resume and a checkpoint in --out: the checkpoint's configs (+ the free run flags); else as given."""
+    from minicpm4.config import MiniCPMConfig
+    from minicpm4.train.checkpointing import latest_checkpoint, read_train_state
+    from minicpm4.train.trainer import TrainConfig
+
+    latest = latest_checkpoint(args.out)
+    if latest is None:
+        if args.resume:
+            print(f"note: --resume: no checkpoint in {args.out}, starting from scratch", file=sys.stderr)
+        return model_config, cfg, False
+    if not args.resume:
+        raise UserError(f"--out {args.out} already holds checkpoints ({latest.name}): pass --resume to continue "
+                        "or choose another --out")
+    state = read_train_state(latest)
+    saved = TrainConfig.from_dict(state.train_config)
+    given = _overrides(args)
+    for flag, field in TRAIN_FLAGS.items():
+        if field in given and field not in RESUME_FREE and given[field] != getattr(saved, field):
+            raise UserError(f"--{flag.replace('_', '-')} {given[field]} differs from the checkpoint's "
+                            f"{getattr(saved, field)}; a resumed run keeps its settings")
+    free = {k: v for k, v in dataclasses.asdict(cfg).items() if k in RESUME_FREE}
+    if args.steps is None:
+        free.pop("steps")
+    return MiniCPMConfig.from_dict(state.model_config), dataclasses.replace(saved, **free), True
+
+
+def _model_dir(path: str) -> Path:
+    p = Path(path)
+    for candidate in (p, p / "final"):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise UserError(f"--init {path}: no config.json there or in {p / 'final'}")
+
+
+def _tokenizer_dir(args: argparse.Namespace, *candidates: Path | None) -> Path | None:
+    from minicpm4.train.trainer import TOKENIZER_FILES
+
+    if args.tokenizer is not None:
+        if not Path(args.tokenizer).is_dir():
+            raise UserError(f"--tokenizer {args.tokenizer}: not a folder")
+        return Path(args.tokenizer)
+    for c in candidates:
+        if c is not None and any((c / f).is_file() for f in TOKENIZER_FILES[:2]):
+            return c
+    return None
+
+
+def _run(args, model_config, cfg, train_data, val_data=None, init_model=None, tokenizer_dir=None) -> None:
+    from minicpm4.train.distributed import cleanup
+    from minicpm4.train.trainer import export_final, train
+
+    model_config, cfg, resuming = _resumed(args, model_config, cfg)
+    if train_data.seq_len != cfg.seq_len:
+        raise UserError(f"--seq-len {train_data.seq_len} differs from the checkpoint's {cfg.seq_len}")
+    result = train(model_config, cfg, train_data, val_data, None if resuming else init_model, resume=resuming)
+    final = export_final(result, Path(cfg.out_dir) / "final", tokenizer_dir)
+    if final is not None:
+        msg = f"{cfg.stage}: {result.step} steps"
+        if result.losses:
+            msg += f", last loss {result.losses[-1]:.4f}"
+        if result.val:
+            msg += ", " + ", ".join(f"{k} {v:.4f}" for k, v in result.val.items())
+        if result.tokens_per_s:
+            msg += f", {result.tokens_per_s:,.0f} tokens/s, MFU {100 * result.mfu:.1f}%"
+        print(f"{msg}\nmodel: {final}" + ("" if tokenizer_dir else " (no tokenizer found: pass --tokenizer)"))
+    cleanup(result.info)
+
+
+def _steps(args: argparse.Namespace) -> int:
+    steps = 1000 if args.steps is None else args.steps
+    if steps < 1:
+        raise UserError(f"--steps must be >= 1, got {steps}")
+    return steps
+
+
+# ---- stages ------------------------------------------------------------------------------------------
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from minicpm4.cli import read_config
+    from minicpm4.train import stages
+    from minicpm4.train.data import TokenWindows, read_meta
+
+    meta = read_meta(args.data)
+    if args.model_config in stages.MODEL_PRESETS or not Path(args.model_config).exists():
+        ids = {"vocab_size": meta["vocab_size"]}
+        ids.update({k: meta[k] for k in ("bos_token_id", "eos_token_id") if meta.get(k) is not None})
+        if args.model_config in stages.MODEL_PRESETS:
+            model_config = stages.MODEL_PRESETS[args.model_config](**ids)
+        else:
+            model_config = read_config(args.model_config).replace(**ids)
+    else:
+        model_config = read_config(args.model_config)
+        if model_config.vocab_size < meta["vocab_size"]:
+            raise UserError(f"--model-config: vocab_size {model_config.vocab_size} < the data's {meta['vocab_size']}")
+    overrides = _overrides(args)
+    model_config, cfg = stages.pretrain(model_config, steps=_steps(args), **overrides)
+    train_data = TokenWindows.from_folder(args.data, "train", cfg.seq_len)
+    val_data = TokenWindows.from_folder(args.data, "val", cfg.seq_len) if (Path(args.data) / "val.bin").is_file() else None
+    if val_data is not None and len(val_data) == 0:
+        val_data = None
+    tok = meta.get("tokenizer")
+    _run(args, model_config, cfg, train_data, val_data,
+         tokenizer_dir=_tokenizer_dir(args, Path(args.data), Path(args.data) / tok if isinstance(tok, str) else None))
+
+
+def cmd_long(args: argparse.Namespace) -> None:
+    from minicpm4.checkpoint import load_model
+    from minicpm4.train import stages
+    from minicpm4.train.data import TokenWindows
+
+    init_dir = _model_dir(args.init)
+    init_model = load_model(init_dir, dtype=__import__("torch").float32)
+    overrides = _overrides(args)
+    seq_len = overrides.pop("seq_len", 32768)
+    model_config, cfg = stages.long_context(init_model.config, seq_len=seq_len, sparse=args.sparse,
+                                            steps=_steps(args), trained_len=args.trained_len, **overrides)
+    train_data = TokenWindows.from_folder(args.data, "train", cfg.seq_len)
+    val_data = TokenWindows.from_folder(args.data, "val", cfg.seq_len) if (Path(args.data) / "val.bin").is_file() else None
+    if val_data is not None and len(val_data) == 0:
+        val_data = None
+    _run(args, model_config, cfg, train_data, val_data, init_model, _tokenizer_dir(args, init_dir, Path(args.data)))
+
+
+def cmd_sft(args: argparse.Namespace) -> None:
+    import torch
+
+    from minicpm4.checkpoint import load_model
+    from minicpm4.tokenizer import Tokenizer
+    from minicpm4.train import stages
+    from minicpm4.train.sft_data import load_sft
+
+    init_dir = _model_dir(args.init)
+    tokenizer_dir = _tokenizer_dir(args, init_dir)
+    if tokenizer_dir is None:
+        raise UserError(f"sft needs a tokenizer: none in {init_dir}; pass --tokenizer DIR")
+    tokenizer = Tokenizer.from_pretrained(tokenizer_dir)
+    init_model = load_model(init_dir, dtype=torch.float32)
+    model_config, cfg = stages.sft(init_model.config, steps=_steps(args), **_overrides(args))
+    train_data = load_sft(args.data, tokenizer, cfg.seq_len)
+    val_data = load_sft(args.val_data, tokenizer, cfg.seq_len) if args.val_data else None
+    for name, packed in (("--data", train_data), ("--val-data", val_data)):
+        top = max(int(row[0].max()) for row in packed.rows) if packed is not None else -1
+        if top >= model_config.vocab_size:
+            raise UserError(f"{name}: token id {top} is outside the model's vocab_size {model_config.vocab_size} "
+                            "(tokenizer and model do not match)")
+    st = train_data.stats
+    print(f"sft data: {st.conversations} conversations -> {st.rows} rows of {cfg.seq_len + 1} tokens "
+          f"({st.trained_tokens} trained tokens; {st.truncated} truncated, {st.dropped} dropped)", file=sys.stderr)
+    _run(args, model_config, cfg, train_data, val_data, init_model, tokenizer_dir)
