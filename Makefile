@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup clean
+.PHONY: demo test setup clean corpus corpus-packages
 
 setup: $(STAMP)
 
@@ -24,3 +24,33 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# ---- data: `make corpus` builds the offline corpus, tokenizer, token shards and SFT set under build/data/ ----
+# Sources are Debian text packages (licences: minicpm4/data/corpus.py). Each step runs only when its output
+# is missing: `rm -rf build/data` rebuilds all (about 8 minutes on 2 CPU cores).
+DATA ?= build/data
+MINICPM4 := $(VENV)/bin/minicpm4
+CORPUS_PACKAGES := wordnet-base dict-gcide dict-foldoc dict-jargon dict-vera dict-devil bible-kjv-text bible-kjv \
+	fortunes fortune-mod
+
+corpus: $(DATA)/shards/meta.json $(DATA)/sft/stats.json
+
+corpus-packages:
+	@missing=$$(for p in $(CORPUS_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing:" $$missing; \
+		$$([ "$$(id -u)" = 0 ] || echo sudo) apt-get install -y --no-install-recommends $$missing; \
+	fi
+
+$(DATA)/corpus/stats.json: | $(STAMP) corpus-packages
+	$(MINICPM4) data build-corpus --out $(DATA)/corpus
+
+$(DATA)/tokenizer/tokenizer.json: $(DATA)/corpus/stats.json
+	$(MINICPM4) tokenizer train --corpus $(DATA)/corpus --vocab-size 8192 --out $(DATA)/tokenizer
+
+$(DATA)/shards/meta.json: $(DATA)/tokenizer/tokenizer.json
+	$(MINICPM4) data shards --corpus $(DATA)/corpus --tokenizer $(DATA)/tokenizer --out $(DATA)/shards
+
+$(DATA)/sft/stats.json: $(DATA)/tokenizer/tokenizer.json | corpus-packages
+	$(MINICPM4) data build-sft --corpus $(DATA)/corpus --tokenizer $(DATA)/tokenizer --out $(DATA)/sft

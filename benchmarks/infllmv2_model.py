@@ -7,8 +7,8 @@ embedding / LM-head work a larger share, so a few-layer ratio slightly understat
 Sparse settings: the README defaults (topk 64, window 2048, block 64, dense_len 8192) unless
 --sparse-variant / --dense-len say otherwise.
 
-    .venv/bin/python benchmarks/infllmv2_model.py --context 32768 --layers 2 --repeats 3
-    .venv/bin/python benchmarks/infllmv2_model.py --context 32768 --layers 24 --synthetic-cache   # decode only
+    .venv/bin/python benchmarks/infllmv2_model.py --context 32768 --layers 2 --chunk 2048 --threads 1
+    .venv/bin/python benchmarks/infllmv2_model.py --context 32768 --synthetic-cache --threads 1   # decode only, 24 layers
 
 Prefill is chunked (--chunk tokens per call, as an engine would do it) through the readable
 generate.prefill(); decode steps go through generate.decode_one_token(). With --synthetic-cache the
@@ -84,8 +84,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--synthetic-cache", action="store_true", help="skip prefill; random K/V (decode only)")
     p.add_argument("--sparse-variant", default=None)
     p.add_argument("--dense-len", type=int, default=None, help="override sparse_config.dense_len")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's choice). On a shared machine 1 avoids OpenMP threads "
+                   "spinning against other processes, which inflates small ops 10-100x")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "infllmv2_model.json"))
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     cfg = minicpm4_05b(num_hidden_layers=args.layers, max_position_embeddings=max(32768, args.context + args.decode_steps + 1))

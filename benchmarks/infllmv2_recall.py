@@ -1,8 +1,8 @@
 """Attention recall of InfLLM v2 block selection on a real model's attention.
 
 For sampled query positions of a long input, per layer and query head: the fraction of the DENSE
-attention probability mass that falls on the keys the sparse layer attends (selected blocks, the
-local window and the query's own block, causal). 1.0 = the sparse layer sees everything that
+attention probability mass that falls on the keys the sparse layer attends (`stage2_mask`: selected
+blocks, the local window and the query's own block, causal). 1.0 = the sparse layer sees everything that
 mattered. The model runs dense; q/k are recorded at the attention seam, selection runs on them with
 the config's sparse settings (or the README defaults).
 
@@ -30,6 +30,7 @@ from minicpm4.attention.dense import DenseAttention
 from minicpm4.attention.infllmv2.compress import compress_keys
 from minicpm4.attention.infllmv2.selection import select_blocks
 from minicpm4.attention.infllmv2.settings import InfLLMv2Settings, settings_from_config
+from minicpm4.attention.infllmv2.sparse_attention import stage2_mask
 from minicpm4.attention.metadata import AttentionMetadata
 
 
@@ -53,20 +54,6 @@ class RecordingDense(DenseAttention):
         return super().__call__(layer_idx, q, k, v, meta)
 
 
-def attended_keys(block_idx: torch.Tensor, positions: torch.Tensor, num_keys: int, s: InfLLMv2Settings) -> torch.Tensor:
-    """[Hkv, nq, L] bool: the stage-2 key set of each query (settings.py): the chosen blocks, plus the
-    separate window q_b - window_blocks + 1 .. q_b (none when the local blocks are inside the top-k), causal."""
-    Hkv, nq, _ = block_idx.shape
-    nb = math.ceil(num_keys / s.block_size)
-    chosen = torch.zeros(Hkv, nq, nb + 1, dtype=torch.bool)
-    chosen.scatter_(2, torch.where(block_idx >= 0, block_idx, nb).long(), True)  # -1 -> a spill column
-    kb = torch.arange(num_keys) // s.block_size  # block of every key
-    qb = positions // s.block_size
-    local = (kb[None, :] > qb[:, None] - s.window_blocks) & (kb[None, :] <= qb[:, None])  # [nq, L]
-    causal = torch.arange(num_keys)[None, :] <= positions[:, None]
-    return (chosen[:, :, kb] | local[None]) & causal[None]
-
-
 def layer_recall(rec: dict[str, torch.Tensor], positions: torch.Tensor, s: InfLLMv2Settings) -> torch.Tensor:
     """-> [Hq, nq]: dense probability mass inside the attended keys."""
     q, k = rec["q"], rec["k"]  # [Hq, nq, D], [Hkv, L, D]
@@ -77,7 +64,7 @@ def layer_recall(rec: dict[str, torch.Tensor], positions: torch.Tensor, s: InfLL
     c1 = compress_keys(k_sel, s.kernel_size, s.kernel_stride)
     c2 = compress_keys(k_sel, s.coarse_kernel_size, s.coarse_kernel_stride) if s.lse == "coarse" else None
     block_idx = select_blocks(q_sel, c1, c2, positions, L, s)  # [Hkv, nq, K]
-    keep = attended_keys(block_idx, positions, L, s).repeat_interleave(G, dim=0)  # [Hq, nq, L]
+    keep = stage2_mask(positions, block_idx, L, s).repeat_interleave(G, dim=0)  # [Hq, nq, L]: what stage 2 attends
     scores = torch.einsum("hqd,hld->hql", q, k.repeat_interleave(G, dim=0)) / math.sqrt(D)
     causal = torch.arange(L)[None, :] <= positions[:, None]
     probs = scores.masked_fill(~causal[None], float("-inf")).softmax(-1)
@@ -100,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("model_dir", nargs="?", help="Hugging Face MiniCPM4 folder")
     p.add_argument("--demo", action="store_true", help="use a tiny random model (recall NOT meaningful)")
-    p.add_argument("--context", type=int, default=32768)
+    p.add_argument("--context", type=int, default=None, help="input tokens (default 32768; --demo: 2048)")
     p.add_argument("--queries", type=int, default=32, help="query positions, evenly spaced over the second half")
     p.add_argument("--text", default=None, help="UTF-8 text file for the input (repeated to --context tokens)")
     p.add_argument("--sparse-variant", default=None)
@@ -119,6 +106,8 @@ def main(argv: list[str] | None = None) -> None:
         model_dir = Path(args.model_dir)
     else:
         p.error("give MODEL_DIR or --demo")
+    if args.context is None:
+        args.context = 2048 if args.demo else 32768
     model = load_model(model_dir, dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]).eval()
     cfg = model.config.with_sparse(True, variant=args.sparse_variant)
     settings = settings_from_config(cfg.sparse_config, variant=cfg.sparse_config.extra.get("variant", "hf"), lse=args.lse)

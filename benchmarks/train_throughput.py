@@ -61,7 +61,7 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             cfg = TrainConfig(out_dir=tmp, steps=args.steps, micro_batch_size=args.batch_size, seq_len=args.seq_len,
                               warmup_steps=1, progress=False, parallel="none", **CASES[name])
-            cfg.peak_flops = peaks[cfg.dtype]
+            cfg.peak_flops = peaks[cfg.dtype]  # the cases name their dtype explicitly
             start = time.perf_counter()
             result = train(config, cfg, data, resume=False)
             wall = time.perf_counter() - start

@@ -17,8 +17,8 @@ EXIT_USAGE = 2
 # Subcommands that live beside their feature: each module defines `register(subparsers)` and raises
 # UserError / ValueError for problems a user can fix. Heavy imports stay inside the handlers.
 COMMAND_MODULES = (
-    "minicpm4.data.cli",  # data build-corpus, data build-sft
-    "minicpm4.train.cli",  # train pretrain | long | sft, tunnel, tokenizer train
+    "minicpm4.data.cli",  # data build-corpus | shards | build-sft, tokenizer train
+    "minicpm4.train.cli",  # train pretrain | long | sft
 )
 
 

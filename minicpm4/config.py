@@ -337,6 +337,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     """Write via a temp file in the same folder + rename, so readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; the result should read like any other written file
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)

@@ -309,6 +309,18 @@ def test_sft_config_errors(tmp_path):
         SFTConfig(out_dir=tmp_path, tasks=("poetry",))
 
 
+def test_progress_without_tqdm(monkeypatch, capsys):
+    import sys
+
+    from minicpm4.data import progress
+
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # makes `from tqdm.auto import tqdm` raise ImportError
+    assert list(progress(range(3), desc="x")) == [0, 1, 2]
+    with progress(total=5, desc="bar", unit="doc") as bar:
+        bar.update(5)
+    assert "bar: 5/5 doc" in capsys.readouterr().err
+
+
 # ---- command line ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("argv", [["data"], ["data", "build-corpus"], ["data", "shards"], ["data", "build-sft"],

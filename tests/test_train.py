@@ -26,12 +26,12 @@ from minicpm4.train import mup
 from minicpm4.train.data import Batch, EpochSampler, SyntheticTokens, TokenWindows, micro_batch_indices
 from minicpm4.train.distributed import DistInfo
 from minicpm4.train.doc_mask import enable_document_mask
-from minicpm4.train.losses import IGNORE_INDEX, LossNormalizer, cross_entropy_sum
+from minicpm4.train.losses import IGNORE_INDEX, LossNormalizer
 from minicpm4.train.metrics import read_metrics
 from minicpm4.train.schedule import WSD, wsd
 from minicpm4.train.sft_data import PackedConversations, encode_conversation
 from minicpm4.train.stages import extend_rope, long_context, longrope_ramp, model_10m, sparse_backend_available
-from minicpm4.train.trainer import TrainConfig, TrainModule, build_train_module, forward_backward, train
+from minicpm4.train.trainer import TrainConfig, build_train_module, forward_backward, train
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,22 +9,29 @@ packages give byte-identical output. The corpus is a build output (git-ignored),
 Sources, in the order they are read (the first copy of a duplicate wins), with the licence recorded in
 /usr/share/doc/<package>/copyright:
 
-| source   | Debian package(s)           | licence                                                      | documents        |
-|----------|-----------------------------|--------------------------------------------------------------|------------------|
-| wordnet  | wordnet-base                | WordNet 3.0 licence (permissive, BSD-like), Princeton Univ.  | one per lemma    |
-| gcide    | dict-gcide                  | GPL-2.0-or-later (GNU Collaborative Int. Dictionary of English, from Webster's 1913, public domain) | one per entry |
-| bible    | bible-kjv-text (+ bible-kjv, the program that decodes it) | public domain (King James Version, 1611); program GPL-2.0-or-later | one per chapter |
-| foldoc   | dict-foldoc                 | GFDL-1.1-or-later (Free On-line Dictionary of Computing)     | one per entry    |
-| jargon   | dict-jargon                 | public domain (The Jargon File 4.4.7)                        | one per entry    |
-| vera     | dict-vera                   | GFDL-1.1-or-later, no invariant sections (V.E.R.A. acronyms) | one per acronym  |
-| devil    | dict-devil                  | public domain (Ambrose Bierce, The Devil's Dictionary, 1911) | one per entry    |
-| fortunes | fortunes, fortune-mod       | BSD-3-Clause (fortune-mod; quotations of mixed origin)       | one per fortune  |
+| source   | Debian package(s)      | licence (upstream)                                           | one document per |
+|----------|------------------------|--------------------------------------------------------------|------------------|
+| wordnet  | wordnet-base           | WordNet 3.0 licence: permissive, BSD-like (Princeton Univ.)  | lemma            |
+| gcide    | dict-gcide             | GPL-2.0-or-later (GNU Collaborative International Dictionary | entry            |
+|          |                        | of English; its base, Webster's 1913, is public domain)      |                  |
+| bible    | bible-kjv-text,        | text: public domain (King James Version, 1611);              | chapter          |
+|          | bible-kjv (its reader) | reader program: GPL-2.0-or-later                             |                  |
+| foldoc   | dict-foldoc            | GFDL-1.1-or-later (Free On-line Dictionary of Computing)     | entry            |
+| jargon   | dict-jargon            | public domain (The Jargon File 4.4.7)                        | entry            |
+| vera     | dict-vera              | GFDL-1.1-or-later, no invariant sections (V.E.R.A. acronyms) | acronym          |
+| devil    | dict-devil             | public domain (Ambrose Bierce, The Devil's Dictionary, 1911) | entry            |
+| fortunes | fortunes, fortune-mod  | BSD-3-Clause (fortune-mod); quotations of mixed origin       | fortune          |
+
+Measured (`make corpus`, Debian 12 packages): 72.7 MB of cleaned text in 316,721 documents; with the
+8,192-token BPE, 22.5 M tokens of text (0.31 tokens per byte), 23.1 M with the BOS/EOS of each document.
+Per-source numbers land in corpus/stats.json and shards/meta.json.
 
 Deduplication: exact (SHA-1 of the cleaned text) and near (SHA-1 of the text lowercased and reduced to
-its letters and digits, which catches copies that differ in spacing, case or punctuation, e.g. the same
-fortune in two files). No MinHash: dictionary entries are templated, so fuzzy matching would delete
-distinct headwords whose entries share a gloss ("car" and "automobile" differ by one word in WordNet),
-which is exactly the knowledge the SFT definition task asks for.
+its letters and digits, which catches copies that differ in spacing, case or punctuation: the same
+fortune in two files, WordNet's ".22 caliber" and ".22-caliber"). No MinHash: dictionary entries are
+templated, so fuzzy matching would delete distinct headwords whose entries share a gloss ("auto" and
+"motorcar" have the same single WordNet sense, so their entries differ in two words), and those are
+exactly the words the SFT definition task asks about.
 
 Split: a document is in validation when a hash of (source, title) falls below `val_fraction`, so the
 split does not move when cleaning changes a document's text, and every entry of one headword (GCIDE has

@@ -126,7 +126,8 @@ def word_examples(entries: Sequence[WordEntry]) -> Iterator[Example]:
         if len(shown) == 1:
             answer = f"{word} ({shown[0].pos}): {shown[0].definition}."
         else:
-            answer = f"{word} can mean:\n" + "\n".join(f"{i}. ({s.pos}) {s.definition}." for i, s in enumerate(shown, 1))
+            numbered = (f"{i}. ({s.pos}) {s.definition}." for i, s in enumerate(shown, 1))
+            answer = f"{word} can mean:\n" + "\n".join(numbered)
         yield Example("definition", word, _ask("definition", word), answer, doc,
                       frozenset(s.definition for s in shown))
         with_synonyms = next((s for s in senses if s.synonyms), None)
@@ -134,10 +135,14 @@ def word_examples(entries: Sequence[WordEntry]) -> Iterator[Example]:
             s = with_synonyms
             answer = f'In the sense "{s.definition}" ({s.pos}), {word} can be replaced by: {", ".join(s.synonyms[:6])}.'
             yield Example("synonym", word, _ask("synonym", word), answer, doc, frozenset([s.definition]))
-        used = next(((s, e) for s in senses for e in s.examples if word in e.lower()), None)
+        # WordNet examples belong to the synset and may use a synonym instead; keep one that uses the word
+        # (at a word start, so inflections count: "banked" for "bank", but not "art" inside "start").
+        starts = re.compile(rf"\b{re.escape(word)}")
+        used = next(((s, e) for s in senses for e in s.examples if starts.search(e.lower())), None)
         if used is not None:
             s, example = used
-            answer = f'"{example}" (here {word} is a {s.pos} meaning: {s.definition}.)'
+            article = "an" if s.pos[0] in "aeiou" else "a"
+            answer = f'"{example}" (here {word} is {article} {s.pos} meaning: {s.definition}.)'
             yield Example("usage", word, _ask("usage", word), answer, doc, frozenset([s.definition, example]))
 
 

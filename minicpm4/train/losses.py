@@ -52,9 +52,3 @@ class LossNormalizer:
 
     def __call__(self, loss_sum: torch.Tensor) -> torch.Tensor:
         return loss_sum * (self.world_size / max(self.num_targets, 1))
-
-    @classmethod
-    def for_step(cls, local_counts: list[int], world_size: int = 1, device: torch.device | str = "cpu") -> LossNormalizer:
-        """local_counts: target tokens of this rank's micro-batches; summed here and over ranks."""
-        (total,) = all_reduce_sum([float(sum(local_counts))], device)
-        return cls(int(total), world_size)

@@ -37,24 +37,35 @@ def flops_per_token(config: MiniCPMConfig, seq_len: int, mtp: bool = False) -> f
     return 6.0 * n + 12.0 * layers * seq_len * attn_dim
 
 
-def measure_peak_flops(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", n: int = 2048,
+def measure_peak_flops(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", max_n: int = 2048,
                        seconds: float = 1.0) -> float:
-    """Achievable matmul FLOP/s on this device: the best of repeated n x n x n matmuls (our 'peak' for MFU)."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    best = 0.0
-    deadline = time.perf_counter() + seconds
-    for i in range(100):
-        if str(device).startswith("cuda"):
+    """Achievable matmul FLOP/s on this device: the best of repeated n x n x n matmuls (our 'peak' for MFU).
+    n doubles from 256 while a matmul takes under 50 ms, so a slow dtype (bf16 without hardware support)
+    does not take minutes to measure."""
+    def timed(a: torch.Tensor, b: torch.Tensor) -> float:
+        if torch.device(device).type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
         a @ b
-        if str(device).startswith("cuda"):
+        if torch.device(device).type == "cuda":
             torch.cuda.synchronize()
-        if i:  # the first call warms up
-            best = max(best, 2 * n**3 / (time.perf_counter() - t))
-        if i >= 2 and time.perf_counter() > deadline:
+        return time.perf_counter() - t
+
+    n = 256
+    while True:
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        timed(a, b)  # warm-up
+        dt = timed(a, b)
+        if dt > 0.05 or n >= max_n:
             break
+        n *= 2
+    best = 2 * n**3 / dt
+    deadline = time.perf_counter() + seconds
+    for _ in range(50):
+        if time.perf_counter() > deadline:
+            break
+        best = max(best, 2 * n**3 / timed(a, b))
     return best
 
 

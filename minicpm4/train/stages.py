@@ -17,7 +17,7 @@ from minicpm4.train.trainer import TrainConfig
 
 
 def model_10m(vocab_size: int = 8192, **overrides: Any) -> MiniCPMConfig:
-    """A ~10M-parameter MiniCPM4-shaped model for CPU training (9.4M at vocab 8192): hidden 256, 8 layers,
+    """A ~10M-parameter MiniCPM4-shaped model for CPU training (9.7M at vocab 8192): hidden 256, 8 layers,
     4 query heads on 1 KV head (head_dim 64 as in MiniCPM4-0.5B, so its released LongRoPE factors fit),
     MLP 4x, tied embeddings, the 0.5B's muP constants (scale_emb 12, scale_depth 1.4, dim_model_base 256)."""
     cfg = dict(

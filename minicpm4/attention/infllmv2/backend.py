@@ -26,12 +26,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from minicpm4.attention.dense import DenseAttention, grouped_attention
+from minicpm4.attention.dense import GROUPED_MATMUL_MAX_QUERIES, DenseAttention, grouped_attention
 from minicpm4.attention.infllmv2.compressed_cache import CompressedKeyCache, LayerCompressedKeys
 from minicpm4.attention.infllmv2.selection import select_blocks
-from minicpm4.attention.infllmv2.settings import InfLLMv2Settings
+from minicpm4.attention.infllmv2.settings import InfLLMv2Settings, settings_from_config
 from minicpm4.attention.infllmv2.sparse_attention import infllmv2_attention, sparse_attention
 from minicpm4.attention.metadata import AttentionMetadata
+from minicpm4.config import MiniCPMConfig
 from minicpm4.kv_cache import StaticKVCache
 
 STATE_KEY = "infllmv2"  # key of this backend's state in StaticKVCache.backend_state
@@ -45,7 +46,7 @@ def num_dense_queries(dense_len: int, num_queries: int) -> int:
 def dense_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """One row, causal over slots: q [Hq, T, D] at positions [T], k/v [Hkv, S, D] -> [Hq, T, D]."""
     mask = torch.arange(k.shape[1], device=k.device)[None, :] <= positions[:, None]  # [T, S]
-    if q.shape[1] <= 16:  # same threshold and reason as dense.py (single queries: grouped matmul)
+    if q.shape[1] <= GROUPED_MATMUL_MAX_QUERIES:  # decode: grouped matmul (dense.py says why)
         return grouped_attention(q[None], k[None], v[None], mask[None])[0]
     return F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask[None, None], enable_gqa=True)[0]
 
@@ -149,10 +150,11 @@ class InfLLMv2Attention:
         return sparse_attention(q, k, v, positions, block_idx, self.settings)
 
 
-def make_infllmv2_backend(config) -> InfLLMv2Attention:
-    """BACKENDS["infllmv2"]: settings from the config's sparse_config (variant / lse: see settings_for)."""
-    from minicpm4.attention.infllmv2.settings import settings_from_config
-
+def make_infllmv2_backend(config: MiniCPMConfig) -> InfLLMv2Attention:
+    """BACKENDS["infllmv2"]: settings from the config's sparse_config. Two optional extra keys of
+    sparse_config pick among the public implementations (settings.py, MINICPM4.md §3.4): "variant"
+    (a BUDGET_VARIANTS name; default "hf", the MiniCPM4 remote code) and "lse" ("exact", the remote
+    code's normaliser over C1, default; or "coarse", CPM.cu's over C2)."""
     sparse = config.sparse_config
     variant = sparse.extra.get("variant", "hf")
     lse = sparse.extra.get("lse", "exact")
