@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minicpm4.attention.infllmv2 import blocksparse, selection
+from minicpm4.attention.infllmv2 import blocksparse, cpu_kernel, selection
 from minicpm4.attention.infllmv2.compress import compress_keys
 from minicpm4.attention.infllmv2.selection import (
     kernel_range_of_block,
@@ -258,35 +258,58 @@ def random_block_idx(Hkv, positions, K, nb, seed):
     return idx
 
 
+needs_kernel = pytest.mark.skipif(not cpu_kernel.available(), reason="no C++ compiler for the CPU kernel")
+IMPLS = ["torch", pytest.param("kernel", marks=needs_kernel)]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("variant", ["hf", "paper", "training"])
-@pytest.mark.parametrize("Hq, Hkv, L", [(16, 2, 100), (16, 1, 257), (8, 1, 700)])
-def test_fast_path_equals_the_reference(variant, Hq, Hkv, L):
+@pytest.mark.parametrize("Hq, Hkv, L", [(16, 2, 100), (16, 1, 257), (8, 1, 700), (12, 2, 200)])
+def test_fast_path_equals_the_reference(variant, Hq, Hkv, L, impl, monkeypatch):
     s = SMALL_VARIANTS[variant]
+    monkeypatch.setattr(blocksparse, "KERNEL_CHUNK", 64)  # several kernel calls per prefill
     q, k, v = qkv(Hq, Hkv, L, L, 16, seed=L)
     c1, c2 = compressed(k, s)
+    # prefill (the kernel lays out all of K), a chunk, decode and an unsorted suffix (compact layout)
     for positions in (torch.arange(L), torch.arange(L - 70, L), torch.tensor([L - 1]), torch.arange(L).flip(0)[:40]):
         qq = q[:, positions]
         idx = select_blocks(qq, c1, c2, positions, L, s)
         ref = sparse_attention_reference(qq, k, v, positions, idx, s)
-        assert (sparse_attention(qq, k, v, positions, idx, s) - ref).abs().max() <= 1e-5
+        assert (sparse_attention(qq, k, v, positions, idx, s, impl=impl) - ref).abs().max() <= 1e-5
     positions = torch.arange(L)
     idx = random_block_idx(Hkv, positions, 5, math.ceil(L / 16), seed=L)
     ref = sparse_attention_reference(q, k, v, positions, idx, s)
-    assert (sparse_attention(q, k, v, positions, idx, s) - ref).abs().max() <= 1e-5
+    assert (sparse_attention(q, k, v, positions, idx, s, impl=impl) - ref).abs().max() <= 1e-5
 
 
-def test_fast_path_equals_the_reference_at_the_real_sizes_in_bf16():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_fast_path_equals_the_reference_at_the_real_sizes_in_bf16(impl):
     s = InfLLMv2Settings(topk=16, local_blocks=8)
     L = 64 * 30 + 40
-    q, k, v = qkv(16, 1, 130, L, 64, seed=23)
-    positions = torch.arange(L - 130, L)
+    q, k, v = qkv(16, 1, L, L, 64, seed=23)
+    for positions in (torch.arange(L - 130, L), torch.tensor([L - 1])):
+        qq = q[:, positions]
+        idx = select_blocks(qq, *compressed(k, s), positions, L, s)
+        ref = sparse_attention_reference(qq, k, v, positions, idx, s)
+        assert (sparse_attention(qq, k, v, positions, idx, s, impl=impl) - ref).abs().max() <= 1e-5
+        qb, kb, vb = qq.bfloat16(), k.bfloat16(), v.bfloat16()
+        out = sparse_attention(qb, kb, vb, positions, idx, s, impl=impl)
+        assert out.dtype == torch.bfloat16
+        assert (out.float() - sparse_attention_reference(qb, kb, vb, positions, idx, s).float()).abs().max() <= 2e-2
+
+
+def test_kernel_lse_matches_the_torch_path():
+    """The kernel's forward feeds the torch backward: its log-sum-exp must be the same."""
+    if not cpu_kernel.available():
+        pytest.skip("no C++ compiler for the CPU kernel")
+    s = SMALL_VARIANTS["training"]
+    L = 180
+    q, k, v = qkv(16, 2, L, L, 24, seed=43)  # head dim 24: the kernel's 8-wide tail path
+    positions = torch.arange(L)
     idx = select_blocks(q, *compressed(k, s), positions, L, s)
-    ref = sparse_attention_reference(q, k, v, positions, idx, s)
-    assert (sparse_attention(q, k, v, positions, idx, s) - ref).abs().max() <= 1e-5
-    qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
-    out = sparse_attention(qb, kb, vb, positions, idx, s)
-    assert out.dtype == torch.bfloat16
-    assert (out.float() - sparse_attention_reference(qb, kb, vb, positions, idx, s).float()).abs().max() <= 2e-2
+    o1, l1 = blocksparse.blocksparse_forward(q, k, v, positions, idx, s)
+    o2, l2 = blocksparse.kernel_forward(q, k, v, positions, idx, s)
+    assert (o1 - o2).abs().max() <= 1e-5 and (l1 - l2).abs().max() <= 1e-5
 
 
 def test_rows_without_any_key_give_zero_and_finite_gradients():
@@ -301,8 +324,9 @@ def test_rows_without_any_key_give_zero_and_finite_gradients():
     assert torch.isfinite(q.grad).all()
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("variant, Hq, Hkv", [("hf", 16, 2), ("hf", 16, 1), ("training", 8, 1), ("paper", 16, 2)])
-def test_backward_matches_autograd_through_the_reference(variant, Hq, Hkv, monkeypatch):
+def test_backward_matches_autograd_through_the_reference(variant, Hq, Hkv, impl, monkeypatch):
     s = SMALL_VARIANTS[variant]
     monkeypatch.setattr(blocksparse, "DEFAULT_ROWS", 5)  # chunks that do not align with blocks
     L = 230
@@ -311,9 +335,10 @@ def test_backward_matches_autograd_through_the_reference(variant, Hq, Hkv, monke
     positions = torch.arange(L - 90, L)
     idx = select_blocks(q0[:, positions], *compressed(k0, s), positions, L, s)
     grads = []
-    for fn in (sparse_attention, sparse_attention_reference):
+    for fast in (True, False):
         q, k, v = (t.clone().requires_grad_(True) for t in (q0[:, positions], k0, v0))
-        (fn(q, k, v, positions, idx, s) * dout).sum().backward()
+        out = sparse_attention(q, k, v, positions, idx, s, impl=impl) if fast else sparse_attention_reference(q, k, v, positions, idx, s)
+        (out * dout).sum().backward()
         grads.append((q.grad, k.grad, v.grad))
     for fast, ref in zip(*grads):
         assert (fast - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max().item())

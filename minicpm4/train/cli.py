@@ -205,9 +205,9 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     val_data = TokenWindows.from_folder(args.data, "val", cfg.seq_len) if (Path(args.data) / "val.bin").is_file() else None
     if val_data is not None and len(val_data) == 0:
         val_data = None
-    tok = meta.get("tokenizer")
-    _run(args, model_config, cfg, train_data, val_data,
-         tokenizer_dir=_tokenizer_dir(args, Path(args.data), Path(args.data) / tok if isinstance(tok, str) else None))
+    tok = meta.get("tokenizer")  # the folder as given to `minicpm4 data` (absolute, or relative to its cwd)
+    candidates = [Path(args.data)] + ([Path(tok), Path(args.data) / tok] if isinstance(tok, str) else [])
+    _run(args, model_config, cfg, train_data, val_data, tokenizer_dir=_tokenizer_dir(args, *candidates))
 
 
 def cmd_long(args: argparse.Namespace) -> None:

@@ -74,8 +74,10 @@ def open_tokens(folder: str | Path, split: str = "train") -> np.ndarray:
     path = folder / f"{split}.bin"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    tokens = np.memmap(path, dtype=np.dtype(meta["dtype"]), mode="r")
-    return tokens
+    dtype = np.dtype(meta["dtype"])
+    if path.stat().st_size == 0:  # np.memmap cannot map an empty file (e.g. a corpus without a val split)
+        return np.zeros(0, dtype)
+    return np.memmap(path, dtype=dtype, mode="r")
 
 
 # ---- sampling ------------------------------------------------------------------------------------

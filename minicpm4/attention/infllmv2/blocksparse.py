@@ -273,9 +273,10 @@ def kernel_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions:
     Hkv, L, _ = k.shape
     G, B = Hq // Hkv, settings.block_size
     scale = 1.0 / math.sqrt(D)
-    whole = T >= CONVERT_WHOLE_MIN_QUERIES or all(x.dtype == torch.float32 and x.is_contiguous() for x in (k, v))
-    if whole:  # prefill: every key is reused by many queries, convert K/V once
-        kf, vf = k.float().contiguous(), v.float().contiguous()
+    nblk = -(-L // B)
+    whole = T >= CONVERT_WHOLE_MIN_QUERIES
+    if whole:  # prefill: every key block is reused by many queries, lay all of K/V out once
+        kt, vb = cpu_kernel.key_blocks(k, v, B)
     out = q.new_empty(Hq, T, D)
     lse = torch.empty(Hkv, T, G, dtype=torch.float32)
     heads = torch.arange(Hkv)[:, None, None]
@@ -286,21 +287,20 @@ def kernel_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions:
         valid = lists >= 0
         cnt = torch.where(valid, (pos[None, :, None] + 1 - lists * B).clamp(max=B), 0).int()
         if whole:
-            off = heads * L + lists.clamp(min=0) * B
-            kk, vv = kf, vf
-        else:  # decode / few queries: gather only the attended blocks (fp32 copies) into a compact buffer
+            blk = heads * nblk + lists.clamp(min=0)
+        else:  # decode / a few queries: lay out only the attended blocks (fp32 copies)
             uniq = [torch.unique(lists[h][valid[h]]) for h in range(Hkv)]
             n = max(1, max(len(u) for u in uniq))
             rows = torch.zeros(Hkv, n * B, dtype=torch.long)
-            slot = torch.zeros_like(lists)
+            blk = torch.zeros_like(lists)
             for h, u in enumerate(uniq):
                 rows[h, : len(u) * B] = (u[:, None] * B + torch.arange(B)).reshape(-1).clamp(max=L - 1)
-                slot[h] = torch.searchsorted(u, lists[h].clamp(min=0)).clamp(max=max(len(u) - 1, 0))
-            kk = torch.gather(k, 1, rows[..., None].expand(-1, -1, D)).float()
-            vv = torch.gather(v, 1, rows[..., None].expand(-1, -1, D)).float()
-            off = heads * (n * B) + slot * B
+                blk[h] = h * n + torch.searchsorted(u, lists[h].clamp(min=0)).clamp(max=max(len(u) - 1, 0))
+            kk = torch.stack([k[h].index_select(0, rows[h]) for h in range(Hkv)])  # [Hkv, n * B, D], row copies
+            vv = torch.stack([v[h].index_select(0, rows[h]) for h in range(Hkv)])
+            kt, vb = cpu_kernel.key_blocks(kk, vv, B)
         qs = (q[:, t0:t1].float() * scale).view(Hkv, G, t1 - t0, D).transpose(1, 2)  # [Hkv, Tc, G, D]
-        o, l = cpu_kernel.stage2_forward(qs, kk, vv, off, cnt, B)
+        o, l = cpu_kernel.stage2_forward(qs, kt, vb, blk, cnt)
         out[:, t0:t1] = o.transpose(1, 2).reshape(Hq, t1 - t0, D).to(q.dtype)
         lse[:, t0:t1] = l
     return out, lse

@@ -27,14 +27,18 @@ No gradient: selection is not trained (§3.6).
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 
 from minicpm4.attention.infllmv2.settings import InfLLMv2Settings
 
 # Stage 1 works on query chunks so that the fp32 score tensor [Hq, chunk, n1] stays below this many
-# elements (16M = 64 MB): at 128K keys n1 = 8191, so ~128 queries at a time for 16 heads.
-STAGE1_CHUNK_ELEMENTS = 1 << 24
+# elements (2M = 8 MB, the L3 of the dev box): its elementwise passes (max, exp, sums) then run from cache
+# while the matmul still has >= 256 rows (measured on the 2-core box: 2 MB chunks were 30% slower at 128K,
+# 64 MB chunks 5-10% slower). At 128K keys n1 = 8191: 16 queries x 16 heads per chunk.
+STAGE1_CHUNK_ELEMENTS = 1 << 21
+STAGE1_MIN_CHUNK = 4
 
 
 def num_blocks(num_keys: int, block_size: int) -> int:
@@ -60,6 +64,7 @@ def group_kernel_scores(q: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor | No
 
     Only the first n = max visible count of these queries are returned: later kernels are invisible to
     every query here, so their S is 0 and they cannot raise a (max-pooled) block score.
+    One exp pass: e = exp(x - rowmax) gives both the exact normaliser l = sum(e) and p = e / l.
     """
     Hq, T, D = q.shape
     Hkv, n1, _ = c1.shape
@@ -70,21 +75,32 @@ def group_kernel_scores(q: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor | No
         return q.new_zeros(Hkv, T, 0, dtype=torch.float32)
     qs = q.float().reshape(Hkv, G * T, D) * (1.0 / math.sqrt(D))  # heads of group h are h*G .. h*G + G - 1
     x = torch.matmul(qs, c1[:, :n].float().transpose(1, 2)).view(Hkv, G, T, n)  # [Hkv, G, T, n]
-    hidden = torch.arange(n, device=q.device)[None, :] >= vis1[:, None]  # [T, n]
-    x.masked_fill_(hidden, float("-inf"))
-    lse = x.logsumexp(-1, keepdim=True)  # [Hkv, G, T, 1]; -inf for a query with no visible kernel
-    if s.lse == "coarse" and c2 is not None and c2.shape[1] > 0:
+    lo = int(vis1.min())  # columns >= lo are hidden from some query of this chunk: mask only that ragged strip
+    if lo < n:
+        strip = x[..., lo:]
+        strip.masked_fill_(torch.arange(lo, n, device=q.device)[None, :] >= vis1[:, None], float("-inf"))
+    coarse = s.lse == "coarse" and c2 is not None and c2.shape[1] > 0
+    if coarse:
         n2 = c2.shape[1]
         vis2 = visible_kernels(positions, s.coarse_kernel_size, s.coarse_kernel_stride, n2)
         m = int(vis2.max())
-        if m > 0:
-            x2 = torch.matmul(qs, c2[:, :m].float().transpose(1, 2)).view(Hkv, G, T, m)
-            x2.masked_fill_(torch.arange(m, device=q.device)[None, :] >= vis2[:, None], float("-inf"))
-            # A query that sees C1 kernels but no C2 kernel yet (pos < 4p - 1) keeps the exact normaliser:
-            # the coarse one would be -inf. Such queries' past is all init/local blocks with the defaults.
-            lse = torch.where((vis2 > 0)[None, None, :, None], x2.logsumexp(-1, keepdim=True), lse)
-    lse = lse.masked_fill(lse == float("-inf"), 0.0)  # no visible kernel: all p = exp(-inf) = 0, no NaN
-    return x.sub_(lse).exp_().sum(1)  # [Hkv, T, n]
+    if coarse and m > 0:
+        x2 = torch.matmul(qs, c2[:, :m].float().transpose(1, 2)).view(Hkv, G, T, m)
+        x2.masked_fill_(torch.arange(m, device=q.device)[None, :] >= vis2[:, None], float("-inf"))
+        lse = x2.logsumexp(-1)  # [Hkv, G, T]
+        # A query that sees C1 kernels but no C2 kernel yet (pos < 4p - 1) keeps the exact normaliser:
+        # the coarse one would be -inf. Such queries' past is all init/local blocks with the defaults.
+        exact = vis2 == 0
+        if bool(exact.any()):
+            lse = torch.where(exact[None, None, :], x.logsumexp(-1), lse)
+        lse = lse.masked_fill(lse == float("-inf"), 0.0)  # no visible kernel: every p = exp(-inf) = 0
+        return x.sub_(lse[..., None]).exp_().sum(1)  # [Hkv, T, n]
+    mx = x.amax(-1, keepdim=True)  # [Hkv, G, T, 1]
+    mx = mx.masked_fill(mx == float("-inf"), 0.0)  # a query with no visible kernel: all e = 0
+    e = x.sub_(mx).exp_()
+    inv = 1.0 / e.sum(-1).clamp_min(1e-30)  # [Hkv, G, T]; rows of zeros stay zero
+    # S[h, t, j] = sum_g e[h, g, t, j] * inv[h, g, t]: one batched weighted sum over the G heads
+    return torch.einsum("hgtn,hgt->htn", e, inv)
 
 
 def pool_block_scores(S: torch.Tensor, nb: int, s: InfLLMv2Settings) -> torch.Tensor:
@@ -121,11 +137,12 @@ def force_and_topk(score: torch.Tensor, positions: torch.Tensor, s: InfLLMv2Sett
 
 @torch.no_grad()
 def select_blocks(q: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor | None, positions: torch.Tensor,
-                  num_keys: int, settings: InfLLMv2Settings) -> torch.Tensor:
+                  num_keys: int, settings: InfLLMv2Settings, timings: dict[str, float] | None = None) -> torch.Tensor:
     """q [Hq, T, D] (selection queries), c1 [Hkv, n1, D], c2 [Hkv, n2, D] or None, positions [T] absolute,
     num_keys = L -> block ids [Hkv, T, K] int64, K = min(topk, ceil(L / B)), valid ids ascending then -1.
 
     Chunked over queries so [Hq, chunk, n1] stays small; the group sum, pooling and top-k run per chunk.
+    timings: if given, seconds are added under "scores" (scores, normaliser, group sum, pooling) and "topk".
     """
     Hq, T, D = q.shape
     Hkv, n1, _ = c1.shape
@@ -137,11 +154,17 @@ def select_blocks(q: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor | None, po
     nb = num_blocks(num_keys, settings.block_size)
     K = min(settings.topk, nb)
     out = torch.empty(Hkv, T, K, dtype=torch.long, device=q.device)
-    chunk = max(1, STAGE1_CHUNK_ELEMENTS // max(1, Hq * n1))
+    chunk = max(STAGE1_MIN_CHUNK, STAGE1_CHUNK_ELEMENTS // max(1, Hq * n1))
+    clock = time.perf_counter if timings is not None else None
     for t0 in range(0, T, chunk):
         pos = positions[t0:t0 + chunk]
-        S = group_kernel_scores(q[:, t0:t0 + chunk], c1, c2, pos, settings)
-        out[:, t0:t0 + chunk] = force_and_topk(pool_block_scores(S, nb, settings), pos, settings)
+        t_a = clock() if clock else 0.0
+        pooled = pool_block_scores(group_kernel_scores(q[:, t0:t0 + chunk], c1, c2, pos, settings), nb, settings)
+        t_b = clock() if clock else 0.0
+        out[:, t0:t0 + chunk] = force_and_topk(pooled, pos, settings)
+        if clock:
+            timings["scores"] = timings.get("scores", 0.0) + t_b - t_a
+            timings["topk"] = timings.get("topk", 0.0) + clock() - t_b
     return out
 
 

@@ -77,8 +77,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position
     if positions.numel() and int(positions.max()) >= k.shape[1]:
         raise ValueError(f"a query at position {int(positions.max())} needs keys up to it; got L = {k.shape[1]}")
     positions, block_idx = positions.to(q.device), block_idx.to(q.device)
-    use_kernel = impl == "kernel" or (impl == "auto" and cpu_kernel.supports(q, k))
-    if use_kernel and not cpu_kernel.supports(q, k):
+    use_kernel = impl == "kernel" or (impl == "auto" and cpu_kernel.supports(q, k, settings.block_size))
+    if use_kernel and not cpu_kernel.supports(q, k, settings.block_size):
         raise RuntimeError("the InfLLM v2 CPU kernel is not available here (no C++ compiler, or not CPU tensors)")
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return BlockSparseAttention.apply(q, k, v, positions, block_idx, settings, use_kernel)
