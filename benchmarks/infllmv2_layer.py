@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minicpm4.attention.dense import grouped_attention  # noqa: E402
 from minicpm4.attention.infllmv2 import cpu_kernel  # noqa: E402
+from minicpm4.attention.infllmv2.blocksparse import attended_blocks  # noqa: E402
 from minicpm4.attention.infllmv2.compress import compress_keys  # noqa: E402
 from minicpm4.attention.infllmv2.selection import select_blocks  # noqa: E402
 from minicpm4.attention.infllmv2.settings import settings_from_config  # noqa: E402
@@ -72,7 +73,19 @@ def sparse_prefill(q, k, v, s, impl):
     t["select_other"] = sel - split["scores"] - split["topk"]
     _, t["stage2"] = timed(lambda: sparse_attention(q, k, v, pos, idx, s, impl=impl))
     t["total"] = sum(t.values())
+    t["attended_keys"] = attended_keys(idx, pos, s)  # not a time: the work actually done by stage 2
     return t
+
+
+def attended_keys(idx: torch.Tensor, pos: torch.Tensor, s) -> float:
+    """Sum over queries (and KV groups) of the keys stage 2 attends: the sparse work, vs L(L+1)/2 dense."""
+    total = 0
+    for t0 in range(0, pos.shape[0], 8192):
+        p = pos[t0:t0 + 8192]
+        lists = attended_blocks(p, idx[:, t0:t0 + 8192], s)
+        cnt = torch.where(lists >= 0, (p[None, :, None] + 1 - lists * s.block_size).clamp(0, s.block_size), 0)
+        total += int(cnt.sum())
+    return float(total / idx.shape[0])
 
 
 def sparse_decode(q1, k, v, c, s, impl):
@@ -109,7 +122,8 @@ def run_length(L: int, args, s, gen) -> dict:
             runs = []
             for r in range(reps):
                 runs.append(sparse_prefill(q, k, v, s, impl))
-                log(f"L={L} prefill sparse[{impl}] run {r + 1}/{reps}: " + ", ".join(f"{a} {b:.2f}s" for a, b in runs[-1].items()))
+                log(f"L={L} prefill sparse[{impl}] run {r + 1}/{reps}: "
+                    + ", ".join(f"{a} {b:.2f}s" for a, b in runs[-1].items() if a != "attended_keys"))
             row[f"prefill_sparse_{impl}"] = median_of(runs)
         dense = []
         for r in range(reps):
@@ -119,7 +133,8 @@ def run_length(L: int, args, s, gen) -> dict:
         row["prefill_dense_sdpa"] = statistics.median(dense)
         best = args.impls[0]
         row["prefill_ratio"] = row["prefill_dense_sdpa"] / row[f"prefill_sparse_{best}"]["total"]
-        log(f"L={L} PREFILL dense/sparse = {row['prefill_ratio']:.2f}x")
+        row["prefill_work_ratio"] = (L * (L + 1) / 2) / row[f"prefill_sparse_{best}"]["attended_keys"]
+        log(f"L={L} PREFILL dense/sparse = {row['prefill_ratio']:.2f}x (attended-key ratio {row['prefill_work_ratio']:.2f}x)")
     if "decode" in args.modes:
         q1 = q[:, -1:].contiguous()
         c = (compress_keys(k, s.kernel_size, s.kernel_stride),
@@ -168,7 +183,7 @@ def plot(result: dict, path: Path) -> bool:
         ax.grid(True, which="both", alpha=0.3)
     ax = axes[2]
     rs = [r for r in rows if f"prefill_sparse_{impl}" in r]
-    parts = ["compress", "stage1", "topk", "select_other", "stage2"]
+    parts = ["compress", "stage1", "topk", "select_other", "stage2"]  # (attended_keys is work, not time)
     bottom = [0.0] * len(rs)
     for part in parts:
         vals = [r[f"prefill_sparse_{impl}"][part] / r[f"prefill_sparse_{impl}"]["total"] for r in rs]

@@ -27,6 +27,8 @@ from minicpm4.stop_strings import StopStringFilter
 from minicpm4.tokenizer import StreamDecoder, Tokenizer
 
 BUNDLED_TOKENIZER_DIR = Path(__file__).parent / "assets" / "minicpm4-0.5b"
+# The small model trained by `make default-model` (see its README.md model card), when it ships.
+DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default-model"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -219,3 +221,16 @@ def demo_pipeline(dtype: str | torch.dtype | None = "auto", seed: int = 0, spars
     tokenizer = Tokenizer.from_pretrained(BUNDLED_TOKENIZER_DIR)
     return Pipeline(model, tokenizer, generation_defaults(BUNDLED_TOKENIZER_DIR),
                     description="tiny random-init demo model (no trained weights yet)")
+
+
+def has_default_model() -> bool:
+    return (DEFAULT_MODEL_DIR / "config.json").is_file()
+
+
+def default_pipeline(dtype: str | torch.dtype | None = "auto") -> Pipeline:
+    """The bundled trained default model, or the random-init demo model if none ships yet."""
+    if has_default_model():
+        pipe = from_pretrained(DEFAULT_MODEL_DIR, dtype=dtype)
+        pipe.description = "bundled default model (trained by `make default-model`; see its model card)"
+        return pipe
+    return demo_pipeline(dtype)

@@ -76,17 +76,22 @@ def sampling_overrides(args: argparse.Namespace) -> dict:
 
 
 def load_pipeline(args: argparse.Namespace):
-    from minicpm4.api import demo_pipeline, from_pretrained
+    from minicpm4.api import default_pipeline, from_pretrained, has_default_model
 
     if args.model is None:
-        print("note: no --model given: using the bundled demo model, a tiny RANDOMLY INITIALISED MiniCPM4 with "
-              "the real MiniCPM4 tokenizer. It exercises every code path but writes gibberish until the "
-              "trained default model ships.", file=sys.stderr)
-        return demo_pipeline(args.dtype, **runtime_options(args))
+        if has_default_model():
+            print("note: no --model given: using the bundled default model, a ~3M-parameter MiniCPM4 trained on "
+                  "this machine's CPU (see minicpm4/assets/default-model/README.md for what it can and cannot do)",
+                  file=sys.stderr)
+        else:
+            print("note: no --model given and no trained default model ships yet: using a tiny RANDOMLY "
+                  "INITIALISED MiniCPM4 with the real MiniCPM4 tokenizer. It exercises every code path but "
+                  "writes gibberish.", file=sys.stderr)
+        return default_pipeline(args.dtype)
     model_dir = Path(args.model)
     if not model_dir.is_dir():
         raise UserError(f"--model {args.model}: not a folder")
-    return from_pretrained(model_dir, dtype=args.dtype, device=args.device, **runtime_options(args))
+    return from_pretrained(model_dir, dtype=args.dtype, device=args.device)
 
 
 def read_config(target: str) -> MiniCPMConfig:
@@ -174,13 +179,11 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    print("minicpm4 demo: the bundled default model answers one chat turn and one completion.\n"
-          "NOTE: the default is a tiny RANDOMLY INITIALISED model (no trained weights ship yet), so the text\n"
-          "below is gibberish; the point is that loading, tokenizing, ChatML, sampling and streaming run.",
+    print("minicpm4 demo: the bundled default model answers one chat turn (ChatML, sampling, streaming).",
           file=sys.stderr)
     args.model, args.chat = None, True
     args.seed = 0 if args.seed is None else args.seed  # the demo prints the same text every run
-    args.prompt = "What is the capital of France?"
+    args.prompt = args.prompt or "What does the word \"lantern\" mean?"
     cmd_generate(args)
 
 
@@ -216,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("demo", help="run the main job on the bundled default model")
+    p.add_argument("prompt", nargs="?", default=None, help="the user turn (default: a definition question)")
     add_sampling_options(p)
     p.set_defaults(func=cmd_demo, dtype="auto", device="cpu", sparse="auto", sparse_variant=None, context=None)
 

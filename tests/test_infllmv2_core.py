@@ -178,6 +178,23 @@ def test_selection_invariants(variant):
             assert len(valid) == min(s.topk, len(candidates))
 
 
+@pytest.mark.parametrize("variant", ["hf", "training"])
+def test_chunked_selection_equals_one_shot_selection(variant):
+    """A query selects the same blocks whether the keys after it exist or not (chunked prefill, decode):
+    exact score ties (adjacent blocks share a kernel) must not be broken by the row length."""
+    s = SMALL_VARIANTS[variant]
+    L = 320
+    q, k, _ = qkv(16, 2, L, L, 16, seed=47)
+    q = q.round(decimals=1)  # coarse values: many exact ties
+    positions = torch.arange(L)
+    c1, c2 = compressed(k, s)
+    full = select_blocks(q, c1, c2, positions, L, s)
+    for start, end in ((0, 37), (37, 100), (100, 101), (101, 250), (250, L)):
+        part = select_blocks(q[:, start:end], c1, c2, positions[start:end], end, s)
+        want = full[:, start:end, : part.shape[-1]]
+        assert torch.equal(part, want) and (full[:, start:end, part.shape[-1]:] == -1).all()
+
+
 def test_group_of_8_selects_like_its_heads_repeated_to_16():
     """MINICPM4.md §3.5 (b): duplicating every query head scales the group sum by 2, top-k unchanged."""
     s = SMALL_VARIANTS["hf"]

@@ -32,6 +32,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     stages = p.add_subparsers(dest="stage", metavar="STAGE")
     stages.required = True
 
+    s = stages.add_parser("export", help="write a checkpoint of a run (default: its latest) as a Hugging Face folder")
+    s.add_argument("run", metavar="RUN_DIR", help="training run folder (holds checkpoints/)")
+    s.add_argument("--checkpoint", default=None, metavar="DIR", help="a checkpoints/step_N folder (default: latest)")
+    s.add_argument("--out", required=True, metavar="DIR", help="output model folder")
+    s.add_argument("--tokenizer", default=None, metavar="DIR", help="tokenizer folder to copy alongside")
+    s.set_defaults(func=cmd_export)
+
     s = stages.add_parser("pretrain", help="pre-train from scratch on token shards (muP, WSD, MTP)")
     s.add_argument("--data", required=True, metavar="DIR", help="token-shard folder (train.bin, val.bin, meta.json)")
     s.add_argument("--model-config", default="cpu-10m", metavar="PRESET|JSON",
@@ -44,6 +51,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--init", required=True, metavar="MODEL_DIR", help="HF model folder or a training run folder")
     s.add_argument("--data", required=True, metavar="DIR", help="token-shard folder")
     s.add_argument("--sparse", action="store_true", help="switch on InfLLM v2 sparse attention (sparse_config)")
+    s.add_argument("--sparse-config", default=None, metavar="JSON",
+                   help='sparse_config keys overriding the README defaults, e.g. \'{"window_size": 512, "topk": 8}\' '
+                        "(small models train at short lengths, where the defaults would be all-dense)")
     s.add_argument("--trained-len", type=int, default=None,
                    help="sequence length the model was trained at (only used when it has no LongRoPE factors)")
     _common(s)
@@ -219,8 +229,19 @@ def cmd_long(args: argparse.Namespace) -> None:
     init_model = load_model(init_dir, dtype=__import__("torch").float32)
     overrides = _overrides(args)
     seq_len = overrides.pop("seq_len", 32768)
-    model_config, cfg = stages.long_context(init_model.config, seq_len=seq_len, sparse=args.sparse,
-                                            steps=_steps(args), trained_len=args.trained_len, **overrides)
+    sparse_config = None
+    if args.sparse_config is not None:
+        import json
+
+        from minicpm4.config import SparseConfig
+
+        try:
+            sparse_config = SparseConfig.from_dict(json.loads(args.sparse_config))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--sparse-config: not valid JSON ({e})") from None
+    model_config, cfg = stages.long_context(init_model.config, seq_len=seq_len, sparse=args.sparse or sparse_config is not None,
+                                            steps=_steps(args), trained_len=args.trained_len,
+                                            sparse_config=sparse_config, **overrides)
     train_data = TokenWindows.from_folder(args.data, "train", cfg.seq_len)
     val_data = TokenWindows.from_folder(args.data, "val", cfg.seq_len) if (Path(args.data) / "val.bin").is_file() else None
     if val_data is not None and len(val_data) == 0:
@@ -254,3 +275,23 @@ def cmd_sft(args: argparse.Namespace) -> None:
     print(f"sft data: {st.conversations} conversations -> {st.rows} rows of {cfg.seq_len + 1} tokens "
           f"({st.trained_tokens} trained tokens; {st.truncated} truncated, {st.dropped} dropped)", file=sys.stderr)
     _run(args, model_config, cfg, train_data, val_data, init_model, tokenizer_dir)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    """Rebuild the training module from the checkpoint's own configs, load it, export like a finished run."""
+    from minicpm4.config import MiniCPMConfig
+    from minicpm4.train.checkpointing import latest_checkpoint, load_checkpoint, read_train_state
+    from minicpm4.train.distributed import DistInfo
+    from minicpm4.train.trainer import TrainConfig, TrainResult, build_train_module, export_final
+
+    path = Path(args.checkpoint) if args.checkpoint else latest_checkpoint(args.run)
+    if path is None or not (path / "train_state.json").is_file():
+        raise UserError(f"{args.checkpoint or args.run}: no checkpoint found")
+    state = read_train_state(path)
+    config = MiniCPMConfig.from_dict(state.model_config)
+    cfg = TrainConfig.from_dict(state.train_config)
+    module = build_train_module(config, cfg)  # the checkpoint's config already carries its parametrisation
+    load_checkpoint(path, module, None, DistInfo())
+    out = export_final(TrainResult(step=state.step, module=module, info=DistInfo()), args.out,
+                       _tokenizer_dir(args, Path(args.run) / "final", Path(args.run)))
+    print(f"exported step {state.step} of {args.run} to {out}")

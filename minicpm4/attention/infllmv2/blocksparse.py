@@ -16,6 +16,12 @@ One softmax spans A and B. The forward returns the log-sum-exp per row, and the 
 the probabilities chunk by chunk (FlashAttention's recipe), so memory stays O(chunk), never O(T x L).
 Gradients of gathered blocks are scattered back with index_add_.
 
+The bottom of this file prepares the optional CPU kernel (cpu_kernel.py): `attended_blocks` turns
+block_idx + window into one sorted block list per token, `kernel_forward` lays K/V out as fp32 blocks
+and calls it. The kernel needs no gather copies and is the default forward on CPU (measured ~2x faster
+than the gather path here: benchmarks/infllmv2_layer.py --impls auto,torch); the backward below serves
+both forwards, since they return the same log-sum-exp.
+
 bf16/fp16 on CPU compute in fp32: PyTorch's CPU bf16 matmul is 10-100x slower than fp32 on machines
 without AVX512-BF16 (measured on the 2-core AMD EPYC dev box: 0.4 vs 16 GFLOP/s per core at 1024^3).
 """
@@ -138,9 +144,10 @@ def _rows(order: torch.Tensor | None, a: int, b: int):
 
 
 def blocksparse_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-                        block_idx: torch.Tensor, settings: InfLLMv2Settings, rows: int = DEFAULT_ROWS
+                        block_idx: torch.Tensor, settings: InfLLMv2Settings, rows: int | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (out [Hq, T, D] in q.dtype, lse [Hkv, T, G] fp32; +inf where a row attends nothing)."""
+    rows = rows or DEFAULT_ROWS
     Hq, T, D = q.shape
     Hkv, L, _ = k.shape
     G = Hq // Hkv
@@ -173,8 +180,9 @@ def blocksparse_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, posit
 
 def blocksparse_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                          lse: torch.Tensor, positions: torch.Tensor, block_idx: torch.Tensor,
-                         settings: InfLLMv2Settings, rows: int = DEFAULT_ROWS):
+                         settings: InfLLMv2Settings, rows: int | None = None):
     """Gradients (dq, dk, dv) of blocksparse_forward, recomputing probabilities per chunk."""
+    rows = rows or DEFAULT_ROWS
     Hq, T, D = q.shape
     Hkv, L, _ = k.shape
     G, B = Hq // Hkv, settings.block_size

@@ -21,6 +21,10 @@ with -inf local blocks in separate_window mode (possible only when fewer than K 
 become -1 instead of repeating a window block. Ties between a visible block whose probability underflowed
 to exactly 0 and a future block resolve in favour of the visible one.
 
+Exact ties at the K-th score go to the lowest block ids (a stable descending sort). They are common:
+adjacent blocks share a kernel, so both can pool the same maximum. torch.topk's own tie order depends on
+the row length, so without this rule a chunked prefill would select differently from a one-shot pass.
+
 No gradient: selection is not trained (§3.6).
 """
 
@@ -34,9 +38,9 @@ import torch
 from minicpm4.attention.infllmv2.settings import InfLLMv2Settings
 
 # Stage 1 works on query chunks so that the fp32 score tensor [Hq, chunk, n1] stays below this many
-# elements (2M = 8 MB, the L3 of the dev box): its elementwise passes (max, exp, sums) then run from cache
-# while the matmul still has >= 256 rows (measured on the 2-core box: 2 MB chunks were 30% slower at 128K,
-# 64 MB chunks 5-10% slower). At 128K keys n1 = 8191: 16 queries x 16 heads per chunk.
+# elements (2M = 8 MB, the L3 of the dev box): memory stays small at any length while the matmul keeps
+# >= 256 rows. Measured once on the busy 2-core box at 128K: 512K-element chunks were ~35% slower,
+# 16M-element chunks no faster. At 128K keys n1 = 8191: 16 queries x 16 heads per chunk.
 STAGE1_CHUNK_ELEMENTS = 1 << 21
 STAGE1_MIN_CHUNK = 4
 
@@ -129,8 +133,18 @@ def force_and_topk(score: torch.Tensor, positions: torch.Tensor, s: InfLLMv2Sett
     dropped = b >= qb if s.local_mode == "separate_window" else b > qb  # remote code: topk_idx >= q_idx -> -1
     score = score.masked_fill(dropped, -inf)
     K = min(s.topk, nb)
-    values, idx = score.topk(K, dim=-1)
-    idx = idx.masked_fill(values == -inf, nb)  # not a candidate: sorts last, becomes -1
+    if K == 0:
+        return torch.empty(Hkv, T, 0, dtype=torch.long, device=score.device)
+    # Ties at the K-th score go to the LOWEST block ids (what a stable descending sort would keep). Exact
+    # ties are common: adjacent blocks share a kernel (4b+3 for 32/16/64), so both pool the same maximum.
+    # torch.topk breaks them by row length and layout, which would make a chunked prefill (shorter rows)
+    # select differently from a one-shot forward.
+    kth = score.topk(K, dim=-1).values[..., -1:]  # [Hkv, T, 1]
+    above = score > kth
+    tied = score == kth
+    keep = above | (tied & (tied.cumsum(-1) <= K - above.sum(-1, keepdim=True)))  # exactly K per row
+    idx = keep.nonzero()[:, 2].view(Hkv, T, K)  # ascending block ids per row
+    idx = idx.masked_fill(score.gather(-1, idx) == -inf, nb)  # not a candidate: sorts last, becomes -1
     idx = idx.sort(-1).values
     return idx.masked_fill(idx == nb, -1)
 
@@ -203,7 +217,9 @@ def select_blocks_reference(q: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor 
     score = score.masked_fill(b < s.init_blocks, float("inf"))
     own_or_future = (b >= qb) if s.local_mode == "separate_window" else (b > qb)
     score = score.masked_fill(own_or_future, neg)
-    values, ids = score.topk(min(s.topk, nb), dim=-1)
+    K = min(s.topk, nb)
+    values, ids = score.sort(dim=-1, descending=True, stable=True)  # ties: lower block id first
+    values, ids = values[..., :K], ids[..., :K]
     idx = torch.full_like(ids, -1)
     for h in range(Hkv):
         for t in range(T):
