@@ -227,10 +227,11 @@ def has_default_model() -> bool:
     return (DEFAULT_MODEL_DIR / "config.json").is_file()
 
 
-def default_pipeline(dtype: str | torch.dtype | None = "auto") -> Pipeline:
-    """The bundled trained default model, or the random-init demo model if none ships yet."""
+def default_pipeline(dtype: str | torch.dtype | None = "auto", **runtime: Any) -> Pipeline:
+    """The bundled trained default model, or the random-init demo model if none ships yet.
+    runtime: sparse / sparse_variant / context_extension (see `runtime_config`)."""
     if has_default_model():
-        pipe = from_pretrained(DEFAULT_MODEL_DIR, dtype=dtype)
+        pipe = from_pretrained(DEFAULT_MODEL_DIR, dtype=dtype, **runtime)
         pipe.description = "bundled default model (trained by `make default-model`; see its model card)"
         return pipe
-    return demo_pipeline(dtype)
+    return demo_pipeline(dtype, **runtime)

@@ -18,7 +18,8 @@ EXIT_USAGE = 2
 # UserError / ValueError for problems a user can fix. Heavy imports stay inside the handlers.
 COMMAND_MODULES = (
     "minicpm4.data.cli",  # data build-corpus | shards | build-sft, tokenizer train
-    "minicpm4.train.cli",  # train pretrain | long | sft
+    "minicpm4.train.cli",  # train pretrain | long | sft | export
+    "minicpm4.train.tunnel_cli",  # tunnel (ModelTunnel muP LR search)
 )
 
 
@@ -87,11 +88,11 @@ def load_pipeline(args: argparse.Namespace):
             print("note: no --model given and no trained default model ships yet: using a tiny RANDOMLY "
                   "INITIALISED MiniCPM4 with the real MiniCPM4 tokenizer. It exercises every code path but "
                   "writes gibberish.", file=sys.stderr)
-        return default_pipeline(args.dtype)
+        return default_pipeline(args.dtype, **runtime_options(args))
     model_dir = Path(args.model)
     if not model_dir.is_dir():
         raise UserError(f"--model {args.model}: not a folder")
-    return from_pretrained(model_dir, dtype=args.dtype, device=args.device)
+    return from_pretrained(model_dir, dtype=args.dtype, device=args.device, **runtime_options(args))
 
 
 def read_config(target: str) -> MiniCPMConfig:

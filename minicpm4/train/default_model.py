@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -25,6 +24,8 @@ from minicpm4.config import write_text_atomic
 from minicpm4.model import MiniCPMForCausalLM
 from minicpm4.tokenizer import Tokenizer
 from minicpm4.train.chat_eval import read_heldout, score_generations
+from minicpm4.train.trainer import TrainModule
+from minicpm4.train.tunnel import mean_nll, scalingbench_set
 
 VAL_TOKENS_FILE = "val_tokens.npy"
 VAL_SEQ_LEN = 256
@@ -48,17 +49,11 @@ def validation_loss(model: MiniCPMForCausalLM, tokens: np.ndarray, seq_len: int 
 
 @torch.no_grad()
 def answer_nll(model: MiniCPMForCausalLM, tokenizer: Tokenizer, rows, limit: int = 200) -> float:
-    """ScalingBench-style indicator: mean NLL per token of the gold answer (+ <|im_end|>) given the
-    ChatML question, over held-out rows (MINICPM4.md §6.5)."""
-    total, count = 0.0, 0
-    for row in rows[:limit]:
-        prompt = tokenizer.encode_chat([{"role": "user", "content": row.question}], add_generation_prompt=True)
-        answer = tokenizer.encode(row.answer, add_bos=False) + [tokenizer.eos_token_id]
-        ids = torch.tensor([prompt + answer])
-        logits = model(ids[:, :-1])[0, len(prompt) - 1:]
-        total += float(torch.nn.functional.cross_entropy(logits, ids[0, len(prompt):], reduction="sum"))
-        count += len(answer)
-    return total / count
+    """ScalingBench-style indicator (MINICPM4.md §6.5): mean NLL per token of the gold answer given the
+    ChatML question, over `limit` held-out rows; the same measure ModelTunnel reports (tunnel.py)."""
+    conversations = [[{"role": "user", "content": r.question}, {"role": "assistant", "content": r.answer}] for r in rows]
+    data = scalingbench_set(conversations, tokenizer, seq_len=512, limit=limit)
+    return mean_nll(TrainModule(model), data, range(len(data)), batch_size=8)
 
 
 def evaluate_chat(pipe: Pipeline, heldout: Path, task: str, generations: int) -> dict:
@@ -68,7 +63,65 @@ def evaluate_chat(pipe: Pipeline, heldout: Path, task: str, generations: int) ->
             "greedy_f1": gen["mean_f1"], "greedy_rows": gen["rows"], "examples": gen["examples"][:3]}
 
 
-def package(run: Path, data: Path, out: Path, generations: int = 64) -> dict:
+def model_card(r: dict, note: str = "") -> str:
+    """The model card: data, recipe, exact commands, measured numbers, what it can and cannot do."""
+    h = r["heldout_definitions"]
+    stages = "\n".join(f"| {name} | {s['steps']} | {s['tokens']:,} | {s['final_train_loss']:.3f} | "
+                       f"{'' if s['final_val_loss'] is None else format(s['final_val_loss'], '.3f')} |"
+                       for name, s in r["stages"].items())
+    examples = "\n".join(f"- Q: {e['question']}\n  - gold: {e['gold']}\n  - model: {e['answer']!r} (F1 {e['f1']:.2f})"
+                         for e in h["final"]["examples"])
+    return f"""# minicpm4 default model
+
+A {r['parameters']:,}-parameter MiniCPM4-architecture model (4 layers, hidden 192, 3 query heads on 1 KV head,
+head_dim 64 with MiniCPM4-0.5B's LongRoPE factors, muP constants scale_emb 12 / scale_depth 1.4 /
+dim_model_base 256, tied embeddings, vocab 8,192), trained from scratch on a 2-core AVX2 CPU by this
+project's own pipeline. Weights: bf16 safetensors. It exists so that every minicpm4 command works
+offline on a fresh machine; it is a toy, not a useful assistant.
+
+## Data
+The offline corpus of `make corpus` (WordNet, GCIDE, KJV Bible, FOLDOC, Jargon File, V.E.R.A., The
+Devil's Dictionary, fortunes; licences in minicpm4/data/corpus.py), 22.9 M training tokens, and the SFT
+set of `minicpm4 data build-sft` (dictionary, synonym, usage, verse tasks; held out by word/verse).
+
+## Recipe (exact commands: `make default-model`, which runs these stages from the Makefile)
+1. pretrain: `minicpm4 train pretrain` — muP, WSD (lr 5e-3, 10 warmup steps, 10% exponential decay),
+   MTP head (lambda 0.3), 16 x 256 tokens per step.
+2. long-context: `minicpm4 train long` at 2,048 tokens with InfLLM v2 sparse attention switched on
+   (sparse_config window 256, topk 8, dense_len 512: scaled down so that sparse attention is really active
+   at this length), 8 steps.
+3. SFT: `minicpm4 train sft` on the chat set (loss on assistant tokens only).
+
+| stage | steps | tokens seen | final train loss | final val loss |
+|---|---|---|---|---|
+{stages}
+{note}
+## Measured (`.venv/bin/python -m minicpm4.train.default_model`, numbers in eval.json)
+- Validation loss of the shipped weights on the shipped validation tokens ({r['val_tokens']:,} tokens of
+  the corpus validation split, windows of {r['val_seq_len']}): **{r['val_loss']:.4f}** nats/token.
+  `tests/test_default_model.py` recomputes it.
+- Held-out definition questions ("What does WORD mean?" for words never asked in SFT training):
+
+| model | answer NLL (nats/token, {h['final']['answer_nll_rows']} questions) | greedy answer F1 ({h['final']['greedy_rows']} questions) |
+|---|---|---|
+| pretrained only | {h['pretrained_only']['answer_nll']:.3f} | {h['pretrained_only']['greedy_f1']:.3f} |
+| shipped (after SFT) | {h['final']['answer_nll']:.3f} | {h['final']['greedy_f1']:.3f} |
+
+Answer NLL is the ScalingBench-style indicator (loss of the gold answer given the ChatML question);
+F1 is word overlap of the greedy answer with the gold definition.
+
+Examples (greedy):
+{examples}
+
+## What it can and cannot do
+It has learned the shape of dictionary entries and of the chat format, and answers in that shape; its
+definitions are mostly wrong or generic, because {r['parameters'] / 1e6:.1f} M parameters trained on well
+under one epoch of the corpus cannot memorise a dictionary. It knows no facts beyond its corpus, no
+Chinese, no code. Use it to exercise the software, not for answers.
+"""
+
+
+def package(run: Path, data: Path, out: Path, generations: int = 64, note: str = "") -> dict:
     final = run / "sft" / "final"
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -99,6 +152,7 @@ def package(run: Path, data: Path, out: Path, generations: int = 64) -> dict:
         "final": evaluate_chat(shipped, heldout, "definition", generations),
     }
     write_text_atomic(tmp / "eval.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(tmp / "README.md", model_card(results, note))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return results
@@ -110,8 +164,9 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=Path("build/data"))
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "assets" / "default-model")
     p.add_argument("--generations", type=int, default=64)
+    p.add_argument("--note", default="", help="a paragraph for the model card (e.g. how this run differed)")
     args = p.parse_args()
-    results = package(args.run, args.data, args.out, args.generations)
+    results = package(args.run, args.data, args.out, args.generations, args.note)
     print(json.dumps({k: v for k, v in results.items() if k != "heldout_definitions"}, indent=2))
     for name, r in results["heldout_definitions"].items():
         print(f"{name}: answer NLL {r['answer_nll']:.3f} nats/token, greedy F1 {r['greedy_f1']:.3f}")

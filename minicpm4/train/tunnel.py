@@ -245,7 +245,8 @@ class RunResult:
 
 
 def run_point(point: SweepPoint, sweep: SweepConfig, data: TunnelData, work_dir: str | Path | None = None) -> RunResult:
-    """Train one proxy with trainer.train (its run folder is temporary) and score it."""
+    """Train one proxy with trainer.train and score it. The run folder train() needs (metrics.jsonl, the final
+    checkpoint) is a temporary directory under `work_dir` (default: the system temp dir), deleted on return."""
     from minicpm4.train import stages
     from minicpm4.train.distributed import unwrap
     from minicpm4.train.trainer import train
@@ -368,14 +369,26 @@ class SweepReport:
 
     def to_dict(self) -> dict[str, Any]:
         optima = [o for m in METRICS for o in self.optima(m)]
-        return {"command": self.command, "machine": self.machine, "wall_seconds": round(self.wall_seconds, 1),
+        return {"command": self.command, "machine": self.machine,
+                "run_seconds_total": round(sum(r.seconds for r in self.results), 1),
+                "wall_seconds_this_invocation": round(self.wall_seconds, 1),
                 "sweep": dataclasses.asdict(self.sweep), "data": self.source,
                 "optima": [{**dataclasses.asdict(o), "log2_lr": o.log2_lr} for o in optima],
                 "transfer": transfer(optima), "runs": [r.to_dict() for r in self.results]}
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine_info() -> dict[str, Any]:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+    return {"platform": platform.platform(), "processor": _cpu_name(), "cpus": os.cpu_count(),
             "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "niceness": os.nice(0),
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
@@ -411,7 +424,7 @@ def run_sweep(sweep: SweepConfig, data: TunnelData, out: str | Path, command: st
         log(f"tunnel: reusing {len(points) - len(todo)} finished runs from {runs_path}")
     start = time.perf_counter()
     for n, point in enumerate(todo, 1):
-        r = run_point(point, sweep, data, out)
+        r = run_point(point, sweep, data)  # its run folder lives in the system temp dir, never in OUT
         done[point] = r
         with runs_path.open("a", encoding="utf-8") as f:
             f.write(json.dumps({"settings": settings, "result": r.to_dict()}) + "\n")
@@ -443,9 +456,9 @@ def markdown_table(report: SweepReport) -> str:
         "# ModelTunnel: learning-rate optimum per width, muP vs standard parametrisation", "",
         f"command: `{report.command}`" if report.command else "", "",
         f"machine: {report.machine.get('processor', '?')} ({report.machine.get('cpu_capability', '?')}), torch "
-        f"{report.machine.get('torch', '?')}, {report.machine.get('threads', '?')} thread(s), niceness "
-        f"{report.machine.get('niceness', '?')}; {len(report.results)} runs, {report.wall_seconds / 60:.1f} min of runs "
-        "in this invocation", "",
+        f"{report.machine.get('torch', '?')}, {report.machine.get('threads', '?')} thread(s) of {report.machine.get('cpus', '?')} "
+        f"CPUs, niceness {report.machine.get('niceness', '?')}; {len(report.results)} runs, "
+        f"{sum(r.seconds for r in report.results) / 60:.1f} min of training + evaluation in total", "",
         f"proxies: depth {sw.depth}, head_dim {sw.head_dim}, MLP {sw.mlp_ratio}x, MHA, tied embeddings, "
         f"dim_model_base {sw.dim_model_base}; {sw.steps} steps x batch {'/'.join(map(str, sw.batch_sizes))} x seq "
         f"{sw.seq_len} (fp32, stages.pretrain recipe: AdamW (0.9, 0.95), wd 0.1, clip 1.0, WSD warmup "

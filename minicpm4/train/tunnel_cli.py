@@ -11,6 +11,7 @@ Also runnable as `python -m minicpm4.train.tunnel_cli ...` (same flags).
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -87,12 +88,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     g.add_argument("--rerun", action="store_true", help="ignore finished runs in OUT/runs.jsonl")
-    p.set_defaults(func=cmd_tunnel)
+    p.set_defaults(func=cmd_tunnel, program="minicpm4 tunnel")
 
 
 def tunnel_command(args: argparse.Namespace, sweep) -> str:
-    """The full, explicit command line equivalent to this invocation (for the table header)."""
-    parts = ["minicpm4", "tunnel", "--data", args.data, "--sft-heldout", args.sft_heldout]
+    """The full, explicit command line of this invocation, defaults spelled out (for the table header); with
+    the process's niceness when it runs under `nice`."""
+    parts = ["--data", args.data, "--sft-heldout", args.sft_heldout]
     if args.tokenizer:
         parts += ["--tokenizer", args.tokenizer]
     parts += ["--widths", ",".join(map(str, sweep.widths)), "--lrs", args.lrs,
@@ -108,7 +110,8 @@ def tunnel_command(args: argparse.Namespace, sweep) -> str:
         parts += ["--threads", str(args.threads)]
     if args.device:
         parts += ["--device", args.device]
-    return shlex.join(parts)
+    nice = os.nice(0)
+    return ("" if nice <= 0 else f"nice -n {nice} ") + args.program + " " + shlex.join(parts)
 
 
 def cmd_tunnel(args: argparse.Namespace) -> None:
@@ -175,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command")
     register(sub)
     args = parser.parse_args(["tunnel", *(sys.argv[1:] if argv is None else argv)])
+    args.program = "python -m minicpm4.train.tunnel_cli"
     try:
         args.func(args)
     except (UserError, ValueError, FileNotFoundError) as e:
