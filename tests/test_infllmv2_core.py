@@ -329,6 +329,20 @@ def test_kernel_lse_matches_the_torch_path():
     assert (o1 - o2).abs().max() <= 1e-5 and (l1 - l2).abs().max() <= 1e-5
 
 
+def test_hf_and_paper_budgets_attend_the_same_keys():
+    """1 + 63 + 32 either way: separate window (hf) or the same 32 blocks forced inside a top-96 (paper)."""
+    L = 400
+    q, k, v = qkv(16, 1, L, L, 16, seed=53)
+    positions = torch.arange(L)
+    masks, outs = [], []
+    for name in ("hf", "paper"):
+        s = SMALL_VARIANTS[name]
+        idx = select_blocks(q, *compressed(k, s), positions, L, s)
+        masks.append(stage2_mask(positions, idx, L, s))
+        outs.append(sparse_attention(q, k, v, positions, idx, s))
+    assert torch.equal(masks[0], masks[1]) and (outs[0] - outs[1]).abs().max() <= 1e-5
+
+
 def test_rows_without_any_key_give_zero_and_finite_gradients():
     s = InfLLMv2Settings(**SMALL, topk=5, local_blocks=4, local_mode="forced_in_topk")  # no separate window
     q, k, v = qkv(4, 1, 40, 40, 8, seed=29)

@@ -56,10 +56,11 @@ def answer_nll(model: MiniCPMForCausalLM, tokenizer: Tokenizer, rows, limit: int
     return mean_nll(TrainModule(model), data, range(len(data)), batch_size=8)
 
 
-def evaluate_chat(pipe: Pipeline, heldout: Path, task: str, generations: int) -> dict:
+def evaluate_chat(pipe: Pipeline, heldout: Path, task: str, generations: int, nll_rows: int = 200) -> dict:
     rows = read_heldout(heldout, task=task)
     gen = score_generations(pipe, rows[:generations])
-    return {"task": task, "answer_nll": answer_nll(pipe.model, pipe.tokenizer, rows), "answer_nll_rows": min(len(rows), 200),
+    return {"task": task, "answer_nll": answer_nll(pipe.model, pipe.tokenizer, rows, nll_rows),
+            "answer_nll_rows": min(len(rows), nll_rows),
             "greedy_f1": gen["mean_f1"], "greedy_rows": gen["rows"], "examples": gen["examples"][:3]}
 
 
@@ -87,10 +88,11 @@ set of `minicpm4 data build-sft` (dictionary, synonym, usage, verse tasks; held 
 ## Recipe (exact commands: `make default-model`, which runs these stages from the Makefile)
 1. pretrain: `minicpm4 train pretrain` — muP, WSD (lr 5e-3, 10 warmup steps, 10% exponential decay),
    MTP head (lambda 0.3), 16 x 256 tokens per step.
-2. long-context: `minicpm4 train long` at 2,048 tokens with InfLLM v2 sparse attention switched on
-   (sparse_config window 256, topk 8, dense_len 512: scaled down so that sparse attention is really active
-   at this length), 8 steps.
-3. SFT: `minicpm4 train sft` on the chat set (loss on assistant tokens only).
+2. SFT: `minicpm4 train sft` on the chat set (loss on assistant tokens only), 40 steps, lr 3e-3.
+
+Not in this model: the long-context stage (`make default-model-long`: 2,048 tokens with InfLLM v2 switched
+on, sparse_config scaled down to window 256 / topk 8 / dense_len 512). Its sparse training path ran at
+about 10 tokens/s on this 2-core CPU, too slow for the session that trained this model.
 
 | stage | steps | tokens seen | final train loss | final val loss |
 |---|---|---|---|---|
