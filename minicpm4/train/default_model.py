@@ -97,7 +97,9 @@ about 10 tokens/s on this 2-core CPU, too slow for the session that trained this
 | stage | steps | tokens seen | final train loss | final val loss |
 |---|---|---|---|---|
 {stages}
+
 {note}
+
 ## Measured (`.venv/bin/python -m minicpm4.train.default_model`, numbers in eval.json)
 - Validation loss of the shipped weights on the shipped validation tokens ({r['val_tokens']:,} tokens of
   the corpus validation split, windows of {r['val_seq_len']}): **{r['val_loss']:.4f}** nats/token.

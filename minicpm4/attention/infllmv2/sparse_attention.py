@@ -31,6 +31,7 @@ def stage2_mask(positions: torch.Tensor, block_idx: torch.Tensor, num_keys: int,
     Hkv, T, _ = block_idx.shape
     nb = num_blocks(num_keys, B)
     dev = block_idx.device
+    block_idx = block_idx.long()  # (int32 ids, as the CUDA kernels use, are accepted)
     chosen = torch.zeros(Hkv, T, nb + 1, dtype=torch.bool, device=dev)  # column nb swallows -1 / out-of-range
     valid = (block_idx >= 0) & (block_idx < nb)
     chosen.scatter_(2, torch.where(valid, block_idx, nb), True)
@@ -76,7 +77,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position
         raise ValueError(f"sparse_attention impl must be one of {IMPLS}, got {impl!r}")
     if positions.numel() and int(positions.max()) >= k.shape[1]:
         raise ValueError(f"a query at position {int(positions.max())} needs keys up to it; got L = {k.shape[1]}")
-    positions, block_idx = positions.to(q.device), block_idx.to(q.device)
+    positions, block_idx = positions.to(q.device), block_idx.to(q.device, torch.long)
     use_kernel = impl == "kernel" or (impl == "auto" and cpu_kernel.supports(q, k, settings.block_size))
     if use_kernel and not cpu_kernel.supports(q, k, settings.block_size):
         raise RuntimeError("the InfLLM v2 CPU kernel is not available here (no C++ compiler, or not CPU tensors)")
