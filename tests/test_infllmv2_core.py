@@ -315,6 +315,23 @@ def test_fast_path_equals_the_reference_at_the_real_sizes_in_bf16(impl):
         assert (out.float() - sparse_attention_reference(qb, kb, vb, positions, idx, s).float()).abs().max() <= 2e-2
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_keys_may_be_a_slice_of_a_longer_cache(impl):
+    """The backend passes k/v = cache[row, :, :L] (strided views of a [Hkv, S, D] buffer)."""
+    s = SMALL_VARIANTS["hf"]
+    L, S = 150, 256
+    q, kc, vc = qkv(16, 2, L, S, 16, seed=59)
+    k, v = kc[:, :L], vc[:, :L]
+    assert not k.is_contiguous()
+    for positions in (torch.tensor([L - 1]), torch.arange(L - 5, L), torch.arange(L)):
+        qq = q[:, positions]
+        idx = select_blocks(qq, *compressed(k, s), positions, L, s)
+        ref = sparse_attention_reference(qq, k, v, positions, idx, s)
+        for dt in (torch.float32, torch.bfloat16):
+            out = sparse_attention(qq.to(dt), kc.to(dt)[:, :L], vc.to(dt)[:, :L], positions, idx, s, impl=impl)
+            assert (out.float() - ref).abs().max() <= (1e-5 if dt == torch.float32 else 3e-2)
+
+
 def test_kernel_lse_matches_the_torch_path():
     """The kernel's forward feeds the torch backward: its log-sum-exp must be the same."""
     if not cpu_kernel.available():

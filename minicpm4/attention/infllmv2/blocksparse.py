@@ -282,9 +282,14 @@ def kernel_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions:
     G, B = Hq // Hkv, settings.block_size
     scale = 1.0 / math.sqrt(D)
     nblk = -(-L // B)
-    whole = T >= CONVERT_WHOLE_MIN_QUERIES
+    whole = T >= CONVERT_WHOLE_MIN_QUERIES or k.dtype not in (torch.float32, torch.bfloat16)
     if whole:  # prefill: every key block is reused by many queries, lay all of K/V out once
         kt, vb = cpu_kernel.key_blocks(k, v, B)
+    else:  # rows of head h start at h * head_rows in memory (k may be a [Hkv, L, D] slice of a longer cache)
+        kr, vr = k, v
+        if k.stride(2) != 1 or k.stride(1) != D or v.stride() != k.stride():
+            kr, vr = k.contiguous(), v.contiguous()
+        head_rows = kr.stride(0) // D
     out = q.new_empty(Hq, T, D)
     lse = torch.empty(Hkv, T, G, dtype=torch.float32)
     heads = torch.arange(Hkv)[:, None, None]
@@ -294,21 +299,11 @@ def kernel_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions:
         lists = attended_blocks(pos, block_idx[:, t0:t1], settings)  # [Hkv, Tc, NB]
         valid = lists >= 0
         cnt = torch.where(valid, (pos[None, :, None] + 1 - lists * B).clamp(max=B), 0).int()
-        if whole:
-            blk = heads * nblk + lists.clamp(min=0)
-        else:  # decode / a few queries: lay out only the attended blocks (fp32 copies)
-            uniq = [torch.unique(lists[h][valid[h]]) for h in range(Hkv)]
-            n = max(1, max(len(u) for u in uniq))
-            rows = torch.zeros(Hkv, n * B, dtype=torch.long)
-            blk = torch.zeros_like(lists)
-            for h, u in enumerate(uniq):
-                rows[h, : len(u) * B] = (u[:, None] * B + torch.arange(B)).reshape(-1).clamp(max=L - 1)
-                blk[h] = h * n + torch.searchsorted(u, lists[h].clamp(min=0)).clamp(max=max(len(u) - 1, 0))
-            kk = torch.stack([k[h].index_select(0, rows[h]) for h in range(Hkv)])  # [Hkv, n * B, D], row copies
-            vv = torch.stack([v[h].index_select(0, rows[h]) for h in range(Hkv)])
-            kt, vb = cpu_kernel.key_blocks(kk, vv, B)
         qs = (q[:, t0:t1].float() * scale).view(Hkv, G, t1 - t0, D).transpose(1, 2)  # [Hkv, Tc, G, D]
-        o, l = cpu_kernel.stage2_forward(qs, kt, vb, blk, cnt)
+        if whole:
+            o, l = cpu_kernel.stage2_forward(qs, kt, vb, heads * nblk + lists.clamp(min=0), cnt)
+        else:  # decode / a few queries: the kernel reads the attended rows in place (no layout pass over K/V)
+            o, l = cpu_kernel.stage2_forward_rows(qs, kr, vr, heads * head_rows + lists.clamp(min=0) * B, cnt, B)
         out[:, t0:t1] = o.transpose(1, 2).reshape(Hq, t1 - t0, D).to(q.dtype)
         lse[:, t0:t1] = l
     return out, lse
