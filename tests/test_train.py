@@ -300,6 +300,27 @@ def test_kill_and_resume_is_bit_identical(shards, tmp_path, capsys):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_stable_phase_checkpoint_extends_into_a_longer_run(shards, tmp_path, capsys):
+    """WSD: resumed from a checkpoint taken before its decay began, with more --steps and a new --decay, the run
+    keeps the saved LR up to the new decay and then decays to the end; other settings stay locked."""
+    run = tmp_path / "run"
+    kill = {**os.environ, "MINICPM4_TRAIN_KILL_AT_STEP": "4", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "minicpm4", *cli_args(shards, run)], env=kill, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr  # stopped after its step-3 checkpoint, in the stable phase (decay 6-8)
+    assert main(cli_args(shards, run, "--resume", "--lr", "2e-2")) == 2
+    assert "--lr" in capsys.readouterr().err
+    extended = [a if a not in ("8", "3") else {"8": "12", "3": "4"}[a] for a in cli_args(shards, run)]
+    assert main([*extended, "--resume"]) == 0
+    lrs = {r["step"]: r["lr"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r}
+    assert sorted(lrs) == list(range(1, 13))
+    assert all(lrs[s] == pytest.approx(1e-2) for s in range(3, 9))  # stable through the old decay's steps
+    assert all(lrs[s] < lrs[s - 1] for s in range(9, 13))  # the new 4-step decay
+    from minicpm4.train.checkpointing import latest_checkpoint, read_train_state
+    saved = read_train_state(latest_checkpoint(run)).train_config
+    assert saved["steps"] == 12 and saved["decay_steps"] == 4
+
+
 WORKER = textwrap.dedent('''
     import sys, torch
     from pathlib import Path

@@ -22,9 +22,10 @@ TRAIN_FLAGS = {
     "weight_decay": "weight_decay", "grad_clip": "grad_clip", "mtp_weight": "mtp_weight", "dtype": "dtype",
     "parametrization": "parametrization", "seed": "seed", "eval_batches": "eval_batches",
 }
-# fields a resumed run may change freely
-RESUME_FREE = ("out_dir", "steps", "parallel", "device", "eval_every", "save_every", "keep_last", "log_every",
-               "progress", "peak_flops", "compile", "eval_batches")
+# fields a resumed run may change freely. steps and decay_steps too: WSD's point is that a checkpoint from the
+# stable phase can be continued into a longer run with its own decay (the LR is the same until the decay begins).
+RESUME_FREE = ("out_dir", "steps", "decay_steps", "parallel", "device", "eval_every", "save_every", "keep_last",
+               "log_every", "progress", "peak_flops", "compile", "eval_batches")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -138,6 +139,8 @@ def _resumed(args: argparse.Namespace, model_config, cfg):
     free = {k: v for k, v in dataclasses.asdict(cfg).items() if k in RESUME_FREE}
     if args.steps is None:
         free.pop("steps")
+    if args.decay is None:  # never a preset's default: only an explicit --decay changes the saved schedule
+        free.pop("decay_steps")
     return MiniCPMConfig.from_dict(state.model_config), dataclasses.replace(saved, **free), True
 
 
