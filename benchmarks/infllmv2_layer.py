@@ -15,7 +15,7 @@ lengths >= --single-run-from run once (the 128K dense prefill takes tens of minu
 Random inputs are the worst case for stage 2's per-token gathers: neighbouring queries pick unrelated
 blocks, so nothing is shared within a query block except the window.
 
-  .venv/bin/python benchmarks/infllmv2_layer.py                       # 8K .. 128K, bf16, writes JSON + PNG
+  .venv/bin/python benchmarks/infllmv2_layer.py                       # 8K .. 128K, dtype as "auto", JSON + PNG
   .venv/bin/python benchmarks/infllmv2_layer.py --lengths 8192,16384 --dtype float32 --threads 1
 """
 
@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from minicpm4.api import default_dtype  # noqa: E402
 from minicpm4.attention.dense import grouped_attention  # noqa: E402
 from minicpm4.attention.infllmv2 import cpu_kernel  # noqa: E402
 from minicpm4.attention.infllmv2.blocksparse import attended_blocks  # noqa: E402
@@ -203,7 +204,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", default="8192,16384,32768,65536,131072")
     p.add_argument("--modes", default="prefill,decode")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    # default: what dtype="auto" runs here (bf16 where the CPU computes it natively, fp32 where it is emulated)
+    p.add_argument("--dtype", default=str(default_dtype("cpu")).removeprefix("torch."), choices=["bfloat16", "float32"])
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--repeats", type=int, default=3, help="median of this many runs below --single-run-from")
     p.add_argument("--single-run-from", type=int, default=32768)

@@ -7,6 +7,8 @@ mattered. The model runs dense; q/k are recorded at the attention seam, selectio
 the config's sparse settings (or the README defaults).
 
     .venv/bin/python benchmarks/infllmv2_recall.py MODEL_DIR --context 32768 --text long.txt
+    .venv/bin/python benchmarks/infllmv2_recall.py minicpm4/assets/default-model --context 4096 \
+        --corpus-jsonl build/data/corpus/val.jsonl --sources bible,foldoc,jargon   # after `make corpus`
     .venv/bin/python benchmarks/infllmv2_recall.py --demo    # tiny RANDOM model, small blocks
 
 Recall is only meaningful for trained weights: random weights give near-uniform attention, so the
@@ -71,6 +73,13 @@ def layer_recall(rec: dict[str, torch.Tensor], positions: torch.Tensor, s: InfLL
     return (probs * keep).sum(-1)
 
 
+def corpus_text(path: Path, sources: list[str] | None) -> str:
+    """The documents of a corpus JSONL joined by blank lines: the given sources in that order, else all."""
+    docs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    groups = [[d for d in docs if d["source"] == s] for s in sources] if sources else [docs]
+    return "\n\n".join(d["text"] for group in groups for d in group)
+
+
 def demo_model_dir(path: Path) -> Path:
     """A tiny random checkpoint with small sparse settings (block 16, kernels 8/4, 2 local + 4 chosen)."""
     import minicpm4
@@ -90,7 +99,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--context", type=int, default=None, help="input tokens (default 32768; --demo: 2048)")
     p.add_argument("--queries", type=int, default=32, help="query positions, evenly spaced over the second half")
     p.add_argument("--text", default=None, help="UTF-8 text file for the input (repeated to --context tokens)")
+    p.add_argument("--corpus-jsonl", default=None,
+                   help="input from a corpus JSONL (e.g. build/data/corpus/val.jsonl): its documents' text, joined")
+    p.add_argument("--sources", default=None,
+                   help="with --corpus-jsonl: comma-separated sources, in this order (default: all, file order)")
     p.add_argument("--sparse-variant", default=None)
+    p.add_argument("--sparse-config", default=None, metavar="JSON",
+                   help="sparse_config keys overriding the model's (or the README defaults), e.g. to score a "
+                        "dense-trained model with the budget another model was trained with")
     p.add_argument("--lse", choices=["exact", "coarse"], default="exact")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "infllmv2_recall.json"))
@@ -109,15 +125,18 @@ def main(argv: list[str] | None = None) -> None:
     if args.context is None:
         args.context = 2048 if args.demo else 32768
     model = load_model(model_dir, dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]).eval()
-    cfg = model.config.with_sparse(True, variant=args.sparse_variant)
+    cfg = model.config.with_sparse(True, variant=args.sparse_variant, **json.loads(args.sparse_config or "{}"))
     settings = settings_from_config(cfg.sparse_config, variant=cfg.sparse_config.extra.get("variant", "hf"), lse=args.lse)
 
-    if args.text:
+    if args.text or args.corpus_jsonl:
         from minicpm4.tokenizer import Tokenizer
 
-        ids = Tokenizer.from_pretrained(model_dir).encode(Path(args.text).read_text(encoding="utf-8"))
+        text = (Path(args.text).read_text(encoding="utf-8") if args.text
+                else corpus_text(Path(args.corpus_jsonl), args.sources.split(",") if args.sources else None))
+        ids = Tokenizer.from_pretrained(model_dir).encode(text)
         ids = (ids * math.ceil(args.context / len(ids)))[: args.context]
-        source = f"text file {args.text}"
+        source = (f"text file {args.text}" if args.text else
+                  f"{args.corpus_jsonl} documents ({args.sources or 'all sources'}), joined in order")
     else:
         ids = torch.randint(4, cfg.vocab_size, (args.context,), generator=torch.Generator().manual_seed(0)).tolist()
         source = "random token ids (unrepresentative attention; pass --text)"

@@ -86,13 +86,17 @@ Devil's Dictionary, fortunes; licences in minicpm4/data/corpus.py), 22.9 M train
 set of `minicpm4 data build-sft` (dictionary, synonym, usage, verse tasks; held out by word/verse).
 
 ## Recipe (exact commands: `make default-model`, which runs these stages from the Makefile)
-1. pretrain: `minicpm4 train pretrain` — muP, WSD (lr 5e-3, 10 warmup steps, 10% exponential decay),
-   MTP head (lambda 0.3), 16 x 256 tokens per step.
-2. SFT: `minicpm4 train sft` on the chat set (loss on assistant tokens only), 40 steps, lr 3e-3.
-
-Not in this model: the long-context stage (`make default-model-long`: 2,048 tokens with InfLLM v2 switched
-on, sparse_config scaled down to window 256 / topk 8 / dense_len 512). Its sparse training path ran at
-about 10 tokens/s on this 2-core CPU, too slow for the session that trained this model.
+1. pretrain: `minicpm4 train pretrain` — muP, WSD (lr 5e-3, 10 warmup steps, exponential decay over the
+   last 60 of 600 steps), MTP head (lambda 0.3), 16 x 256 tokens per step. (It first ran as a 200-step
+   run; WSD let it continue from that run's step-180 checkpoint, taken before the decay began.)
+2. long context: `minicpm4 train long` — 4,096-token sequences with InfLLM v2 sparse attention switched on,
+   sparse_config scaled down from the report's 32K stage in the same proportions (block 64, kernels 32/16,
+   top-8 blocks incl. the initial block + a 256-token window = 19% of the keys at 4K; dense below 1,024
+   tokens), 30 steps of 4 x 4,096 tokens, lr 2e-3, attention crossing the packed documents (the corpus has
+   no 4K-token documents; packed in corpus order, a window is contiguous Bible chapters or neighbouring
+   dictionary entries). The model keeps this sparse_config: prompts longer than
+   1,024 tokens run InfLLM v2 at inference too (`--sparse off` turns it off).
+3. SFT: `minicpm4 train sft` on the chat set (loss on assistant tokens only), 150 steps of 16 x 256 tokens, lr 3e-3.
 
 | stage | steps | tokens seen | final train loss | final val loss |
 |---|---|---|---|---|
