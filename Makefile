@@ -91,3 +91,5 @@ $(RUN)/sft/final/config.json: $(RUN)/long/final/config.json $(DATA)/sft/stats.js
 
 $(DEFAULT_MODEL)/eval.json: $(RUN)/sft/final/config.json
 	$(PY) -m minicpm4.train.default_model --run $(RUN) --data $(DATA) --out $(DEFAULT_MODEL) --generations 32
+	mkdir -p benchmarks/results/default-model  # the loss curves, kept with the results (runs/ is a build output)
+	for stage in pretrain long sft; do cp $(RUN)/$$stage/loss.png benchmarks/results/default-model/$$stage-loss.png; done
