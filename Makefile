@@ -90,6 +90,6 @@ $(RUN)/sft/final/config.json: $(RUN)/long/final/config.json $(DATA)/sft/stats.js
 		--no-progress $(call resume,$(RUN)/sft)
 
 $(DEFAULT_MODEL)/eval.json: $(RUN)/sft/final/config.json
-	$(PY) -m minicpm4.train.default_model --run $(RUN) --data $(DATA) --out $(DEFAULT_MODEL) --generations 32
+	$(PY) -m minicpm4.train.default_model --run $(RUN) --data $(DATA) --out $(DEFAULT_MODEL) --generations 160
 	mkdir -p benchmarks/results/default-model  # the loss curves, kept with the results (runs/ is a build output)
 	for stage in pretrain long sft; do cp $(RUN)/$$stage/loss.png benchmarks/results/default-model/$$stage-loss.png; done
