@@ -74,10 +74,13 @@ def layer_recall(rec: dict[str, torch.Tensor], positions: torch.Tensor, s: InfLL
 
 
 def corpus_text(path: Path, sources: list[str] | None) -> str:
-    """The documents of a corpus JSONL joined by blank lines: the given sources in that order, else all."""
-    docs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    groups = [[d for d in docs if d["source"] == s] for s in sources] if sources else [docs]
-    return "\n\n".join(d["text"] for group in groups for d in group)
+    """The documents of a corpus split file (DIR/{train,val}.jsonl) joined by blank lines: the given sources in
+    that order, else all."""
+    from minicpm4.data.corpus import iter_corpus
+
+    docs = list(iter_corpus(path.parent, path.stem))
+    groups = [[d for d in docs if d.source == s] for s in sources] if sources else [docs]
+    return "\n\n".join(d.text for group in groups for d in group)
 
 
 def demo_model_dir(path: Path) -> Path:

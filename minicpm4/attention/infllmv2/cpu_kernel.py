@@ -323,6 +323,22 @@ def key_blocks(k: torch.Tensor, v: torch.Tensor, block_size: int) -> tuple[torch
     return kt, vf.reshape(H * nblk, block_size, D).contiguous()
 
 
+def _run_over_tokens(fn, args: list, H: int, T: int, G: int, D: int,
+                     threads: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Call a stage-2 entry point fn(*args, t0, t1, out, lse) on token ranges split over threads (the kernel
+    releases the GIL: ctypes calls do) -> out [H, T, G, D] fp32, lse [H, T, G] fp32."""
+    out = torch.empty(H, T, G, D, dtype=torch.float32)
+    lse = torch.empty(H, T, G, dtype=torch.float32)
+    n = max(1, min(threads or torch.get_num_threads(), T))
+    if n == 1:
+        fn(*args, 0, T, out.data_ptr(), lse.data_ptr())
+    else:
+        bounds = [T * i // n for i in range(n + 1)]
+        with ThreadPoolExecutor(n) as pool:
+            list(pool.map(lambda i: fn(*args, bounds[i], bounds[i + 1], out.data_ptr(), lse.data_ptr()), range(n)))
+    return out, lse
+
+
 def stage2_forward(q: torch.Tensor, kt: torch.Tensor, vb: torch.Tensor, blk: torch.Tensor, cnt: torch.Tensor,
                    threads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """q [H, T, G, D] fp32 pre-scaled; kt [NBLK, D, B] / vb [NBLK, B, D] fp32 (key_blocks); blk (int64) / cnt
@@ -337,18 +353,9 @@ def stage2_forward(q: torch.Tensor, kt: torch.Tensor, vb: torch.Tensor, blk: tor
     blk, cnt = blk.contiguous().long(), cnt.contiguous().int()
     assert kt.is_contiguous() and vb.is_contiguous() and kt.dtype == vb.dtype == torch.float32
     NB = blk.shape[-1]
-    out = torch.empty(H, T, G, D, dtype=torch.float32)
-    lse = torch.empty(H, T, G, dtype=torch.float32)
     fn = _lib.infllmv2_stage2_fwd
     args = [q.data_ptr(), kt.data_ptr(), vb.data_ptr(), blk.data_ptr(), cnt.data_ptr(), H, T, G, D, NB, B]
-    n = max(1, min(threads or torch.get_num_threads(), T))
-    if n == 1:
-        fn(*args, 0, T, out.data_ptr(), lse.data_ptr())
-    else:
-        bounds = [T * i // n for i in range(n + 1)]
-        with ThreadPoolExecutor(n) as pool:
-            list(pool.map(lambda i: fn(*args, bounds[i], bounds[i + 1], out.data_ptr(), lse.data_ptr()), range(n)))
-    return out, lse
+    return _run_over_tokens(fn, args, H, T, G, D, threads)
 
 
 def stage2_forward_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row0: torch.Tensor, cnt: torch.Tensor,
@@ -364,16 +371,7 @@ def stage2_forward_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, row0:
     q = q.contiguous().float()
     row0, cnt = row0.contiguous().long(), cnt.contiguous().int()
     NB = row0.shape[-1]
-    out = torch.empty(H, T, G, D, dtype=torch.float32)
-    lse = torch.empty(H, T, G, dtype=torch.float32)
     fn = _lib.infllmv2_stage2_fwd_rows
     args = [q.data_ptr(), k.data_ptr(), v.data_ptr(), int(k.dtype == torch.bfloat16), row0.data_ptr(), cnt.data_ptr(),
             H, T, G, D, NB, block_size]
-    n = max(1, min(threads or torch.get_num_threads(), T))
-    if n == 1:
-        fn(*args, 0, T, out.data_ptr(), lse.data_ptr())
-    else:
-        bounds = [T * i // n for i in range(n + 1)]
-        with ThreadPoolExecutor(n) as pool:
-            list(pool.map(lambda i: fn(*args, bounds[i], bounds[i + 1], out.data_ptr(), lse.data_ptr()), range(n)))
-    return out, lse
+    return _run_over_tokens(fn, args, H, T, G, D, threads)
