@@ -49,7 +49,7 @@ def fill_synthetic(cache: StaticKVCache, length: int, generator: torch.Generator
 
 
 def run_once(model, backend, ids: torch.Tensor, args: argparse.Namespace, seed: int) -> dict:
-    model.attention_backend = backend
+    model.set_attention_backend(backend)
     n = ids.shape[1]
     cache = StaticKVCache.for_model(model, 1, n + args.decode_steps + 1)
     out: dict = {}

@@ -46,14 +46,14 @@ class RecordingDense(DenseAttention):
         self.records: dict[int, dict[str, torch.Tensor]] = {}
 
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 meta: AttentionMetadata) -> torch.Tensor:
+                 meta: AttentionMetadata, pre_rope=None) -> torch.Tensor:
         qp = self.query_positions
         rec = {"q": q[0, :, qp].float(), "k": k[0].float()}
         if self.needs_pre_rope:
-            q0, k0 = meta.backend_state["pre_rope"]
+            q0, k0 = pre_rope
             rec["q_sel"], rec["k_sel"] = q0[0, :, qp].float(), k0[0].float()
         self.records[layer_idx] = rec
-        return super().__call__(layer_idx, q, k, v, meta)
+        return super().__call__(layer_idx, q, k, v, meta, pre_rope)
 
 
 def layer_recall(rec: dict[str, torch.Tensor], positions: torch.Tensor, s: InfLLMv2Settings) -> torch.Tensor:
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
     T = len(ids)
     positions = torch.linspace(T // 2, T - 1, args.queries).round().long().unique()
     recorder = RecordingDense(positions, settings.use_nope)
-    model.attention_backend = recorder
+    model.set_attention_backend(recorder)
     with torch.inference_mode():
         model(torch.tensor([ids]))
         per_layer = {i: layer_recall(rec, positions, settings) for i, rec in sorted(recorder.records.items())}

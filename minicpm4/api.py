@@ -20,8 +20,7 @@ import torch
 from minicpm4.checkpoint import load_model
 from minicpm4.config import MiniCPMConfig, tiny
 from minicpm4.generate import generate_tokens
-from minicpm4.attention import make_backend
-from minicpm4.model import LongRoPE, MiniCPMForCausalLM, build_model
+from minicpm4.model import MiniCPMForCausalLM, build_model
 from minicpm4.sampling import SamplingParams
 from minicpm4.stop_strings import StopStringFilter
 from minicpm4.tokenizer import StreamDecoder, Tokenizer
@@ -189,13 +188,7 @@ def runtime_config(config: MiniCPMConfig, sparse: bool | None = None, sparse_var
 
 def reconfigure(model: MiniCPMForCausalLM, config: MiniCPMConfig) -> MiniCPMForCausalLM:
     """Run a loaded `model` under `config`, which may differ only in weight-free fields (sparse, RoPE)."""
-    fixed = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-             "num_key_value_heads", "tie_word_embeddings", "scale_emb", "scale_depth", "dim_model_base", "rms_norm_eps")
-    changed = [k for k in fixed if getattr(config, k) != getattr(model.config, k)]
-    assert not changed, f"reconfigure cannot change {changed}: they shape or scale the weights"
-    model.config = config
-    model.rotary = LongRoPE(config)
-    model.attention_backend = make_backend(config)
+    model.set_runtime_config(config)
     return model
 
 

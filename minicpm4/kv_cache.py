@@ -7,9 +7,12 @@ see them: no padding mask is ever needed.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from minicpm4.attention.metadata import AttentionMetadata
 
 
 class StaticKVCache:
@@ -32,19 +35,20 @@ class StaticKVCache:
                    dtype=p.dtype, device=p.device)
 
     def update(self, layer_idx: int, k_new: torch.Tensor, v_new: torch.Tensor,
-               positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k/v [B, Hkv, T, D] at `positions` [B, T]; return the cache up to the last used slot."""
+               meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k/v [B, Hkv, T, D] at `meta.positions` [B, T]; return the cache up to the last used slot.
+        The lengths come from the metadata (computed once per call, not once per layer)."""
+        positions = meta.positions
         B, T = positions.shape
         if B != self.batch_size:
             raise ValueError(f"batch of {B} rows does not fit a KV cache built for {self.batch_size}")
-        end = int(positions.max()) + 1
+        end = meta.num_keys
+        assert end is not None, "AttentionMetadata for a StaticKVCache must be built with for_cache()"
         if end > self.max_seq_len:
             raise ValueError(f"position {end - 1} exceeds the KV cache length {self.max_seq_len}")
         k_cache, v_cache = self.k[layer_idx], self.v[layer_idx]
-        start = positions[0, 0]
-        contiguous = torch.arange(T, device=positions.device) + start
-        if bool((positions == contiguous).all()):  # common case: every row at the same offset
-            s = int(start)
+        if meta.uniform_start is not None:  # common case: every row at the same offset
+            s = meta.uniform_start
             k_cache[:, :, s:s + T] = k_new
             v_cache[:, :, s:s + T] = v_new
         else:

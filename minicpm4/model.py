@@ -109,10 +109,9 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # [B, Hq, T, D]
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        if backend.needs_pre_rope:
-            meta.backend_state["pre_rope"] = (q, k)
+        pre_rope = (q, k) if backend.needs_pre_rope else None
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        o = backend(self.layer_idx, q, k, v, meta)  # [B, Hq, T, D]
+        o = backend(self.layer_idx, q, k, v, meta, pre_rope)  # [B, Hq, T, D]
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 
@@ -161,6 +160,24 @@ class MiniCPMForCausalLM(nn.Module):
         self.rotary = LongRoPE(config)
         self.attention_backend: AttentionBackend = make_backend(config)
 
+    def set_attention_backend(self, backend: AttentionBackend) -> AttentionBackend:
+        """The one way to change how this model attends (dense, InfLLM v2, a training wrapper, the
+        engine's paged backend); returns the previous backend so a caller can put it back."""
+        previous, self.attention_backend = self.attention_backend, backend
+        return previous
+
+    def set_runtime_config(self, config: MiniCPMConfig) -> None:
+        """Run under `config`, which may differ from the current one only in weight-free fields (sparse
+        attention, RoPE scaling): rebuilds the rotary tables and the attention backend from it."""
+        fixed = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "tie_word_embeddings", "scale_emb", "scale_depth", "dim_model_base",
+                 "rms_norm_eps")
+        changed = [k for k in fixed if getattr(config, k) != getattr(self.config, k)]
+        assert not changed, f"set_runtime_config cannot change {changed}: they shape or scale the weights"
+        self.config = config
+        self.rotary = LongRoPE(config)
+        self.set_attention_backend(make_backend(config))
+
     @property
     def output_weight(self) -> torch.Tensor:
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
@@ -182,7 +199,7 @@ class MiniCPMForCausalLM(nn.Module):
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         if meta is None:
-            meta = AttentionMetadata(positions=positions, kv_cache=kv_cache)
+            meta = AttentionMetadata.for_cache(positions, kv_cache)
         context_len = kv_cache.max_seq_len if kv_cache is not None else int(positions.max()) + 1
         cos, sin = self.rotary(positions, context_len)
         h = self.model.embed_tokens(input_ids) * self.config.scale_emb  # muP: embedding x scale_emb

@@ -163,7 +163,7 @@ def sparse_model(lse="exact", use_nope=False, variant="hf", seed=1, **overrides)
 
     cfg = tiny(initializer_range=0.3).with_sparse(True, **{**SMALL, "use_nope": use_nope, **overrides})
     model = build_model(cfg, seed=seed).eval()
-    model.attention_backend = InfLLMv2Attention(settings_from_config(cfg.sparse_config, variant=variant, lse=lse))
+    model.set_attention_backend(InfLLMv2Attention(settings_from_config(cfg.sparse_config, variant=variant, lse=lse)))
     return model
 
 

@@ -25,7 +25,7 @@ from minicpm4.tokenizer import Tokenizer
 from minicpm4.train import mup
 from minicpm4.train.data import Batch, EpochSampler, SyntheticTokens, TokenWindows, micro_batch_indices
 from minicpm4.train.distributed import DistInfo
-from minicpm4.train.doc_mask import enable_document_mask
+from minicpm4.attention.document_mask import enable_document_mask
 from minicpm4.train.losses import IGNORE_INDEX, LossNormalizer
 from minicpm4.train.metrics import read_metrics
 from minicpm4.train.schedule import WSD, wsd
@@ -207,9 +207,9 @@ def test_packed_windows_sampling_and_document_mask():
     module = build_train_module(tiny(vocab_size=100), TrainConfig())
     enable_document_mask(module.model)
     ids = b.input_ids[:1]
-    from minicpm4.attention import AttentionMetadata
+    from minicpm4.attention.document_mask import document_metadata
     pos = torch.arange(32)[None]
-    packed = module.model.hidden_states(ids, pos, meta=AttentionMetadata(pos, backend_state={"segment_ids": b.segment_ids[:1]}))
+    packed = module.model.hidden_states(ids, pos, meta=document_metadata(pos, b.segment_ids[:1]))
     alone = module.model.hidden_states(ids[:, 20:], pos[:, :12])
     assert torch.allclose(packed[:, 20:], alone, atol=1e-5)
 

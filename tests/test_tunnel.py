@@ -19,7 +19,7 @@ from minicpm4.data.tokenizer_train import train_tokenizer
 from minicpm4.tokenizer import Tokenizer
 from minicpm4.train import tunnel_cli
 from minicpm4.train.data import SyntheticTokens
-from minicpm4.train.doc_mask import enable_document_mask
+from minicpm4.attention.document_mask import enable_document_mask
 from minicpm4.train.sft_data import PackedConversations
 from minicpm4.train.trainer import TrainConfig, build_train_module
 from minicpm4.train.tunnel import (RunResult, SweepConfig, SweepPoint, SweepReport, TunnelData, curves, find_optima,

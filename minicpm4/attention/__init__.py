@@ -1,8 +1,9 @@
 """Attention backends behind one seam.
 
-The model calls `backend(layer_idx, q, k, v, meta)` with post-RoPE q [B, Hq, T, D] and the new
-k/v [B, Hkv, T, D]; the backend owns cache writes and the attention itself. A backend that selects
-with pre-RoPE q/k (InfLLM v2 `use_nope`) sets `needs_pre_rope` and receives them in `meta`.
+The model calls `backend(layer_idx, q, k, v, meta, pre_rope)` with post-RoPE q [B, Hq, T, D] and the
+new k/v [B, Hkv, T, D]; the backend owns cache writes and the attention itself. A backend that selects
+with pre-RoPE q/k (InfLLM v2 `use_nope`) sets `needs_pre_rope` and receives them as `pre_rope`.
+A model's backend is changed only through `MiniCPMForCausalLM.set_attention_backend`.
 New backends register a factory in BACKENDS; `make_backend(config)` picks one from the config.
 """
 
@@ -12,7 +13,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from minicpm4.attention.dense import DenseAttention
+from minicpm4.attention.dense import DenseAttention, PreRope
 from minicpm4.attention.metadata import AttentionMetadata
 from minicpm4.config import MiniCPMConfig
 
@@ -21,7 +22,7 @@ class AttentionBackend(Protocol):
     needs_pre_rope: bool
 
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 meta: AttentionMetadata) -> torch.Tensor: ...
+                 meta: AttentionMetadata, pre_rope: PreRope | None = None) -> torch.Tensor: ...
 
 
 def _infllmv2(config: MiniCPMConfig) -> AttentionBackend:
@@ -41,4 +42,4 @@ def make_backend(config: MiniCPMConfig) -> AttentionBackend:
     return BACKENDS["infllmv2" if config.sparse_config is not None else "dense"](config)
 
 
-__all__ = ["AttentionBackend", "AttentionMetadata", "BACKENDS", "DenseAttention", "make_backend"]
+__all__ = ["AttentionBackend", "AttentionMetadata", "BACKENDS", "DenseAttention", "PreRope", "make_backend"]

@@ -9,6 +9,9 @@ import torch.nn.functional as F
 
 from minicpm4.attention.metadata import AttentionMetadata
 
+# Pre-RoPE (q, k) of one layer, handed to backends that select with them (InfLLM v2 use_nope).
+PreRope = tuple[torch.Tensor, torch.Tensor]
+
 # Below this many query tokens, the "group's query heads as rows of one matmul" path is used: PyTorch
 # SDPA with enable_gqa is ~20x slower for a single query on CPU in bf16 (measured: 14 ms vs 0.7 ms,
 # 16 heads on one KV head, 8K keys). Prefill goes through SDPA, which is fast for long queries.
@@ -43,13 +46,13 @@ class DenseAttention:
     needs_pre_rope = False
 
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 meta: AttentionMetadata) -> torch.Tensor:
+                 meta: AttentionMetadata, pre_rope: PreRope | None = None) -> torch.Tensor:
         T = q.shape[2]
         if meta.kv_cache is None:  # plain causal forward over exactly these T tokens
             if T <= GROUPED_MATMUL_MAX_QUERIES:
                 return grouped_attention(q, k, v, visible_mask(meta.positions - meta.positions[:, :1], T))
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        k, v = meta.kv_cache.update(layer_idx, k, v, meta.positions)
+        k, v = meta.kv_cache.update(layer_idx, k, v, meta)
         mask = visible_mask(meta.positions, k.shape[2])
         if T <= GROUPED_MATMUL_MAX_QUERIES:
             return grouped_attention(q, k, v, mask)

@@ -6,7 +6,7 @@
 
 Modules: schedule (WSD), mup (init + LR groups, SP switch), mtp (MTP head), losses (token-normalised CE),
 data (packed token windows, resumable sampling), sft_data (ChatML + assistant-only mask, packing),
-doc_mask (per-document attention), checkpointing (atomic, DCP-sharded), distributed (DDP/FSDP2),
+checkpointing (atomic, DCP-sharded), distributed (DDP/FSDP2),
 metrics (MFU, JSONL, plot, progress), trainer (the loop), stages (presets), cli (`minicpm4 train ...`).
 Heavy imports stay in the submodules; this package imports nothing at load time.
 """

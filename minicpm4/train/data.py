@@ -27,7 +27,7 @@ from typing import Protocol, Sequence
 import numpy as np
 import torch
 
-from minicpm4.train.doc_mask import segment_ids_from_bos
+from minicpm4.attention.document_mask import segment_ids_from_bos
 
 
 @dataclass

@@ -18,7 +18,7 @@ when flag[t+1], else IGNORE_INDEX.
 
 Packing: conversations are concatenated in file order into rows of seq_len + 1 tokens (next-fit: a
 conversation that does not fit in the current row starts a new one); each keeps its own segment id so
-attention never crosses conversations (doc_mask.py); the tail is padded with pad_id, flag False and its
+attention never crosses conversations (attention/document_mask.py); the tail is padded with pad_id, flag False and its
 own segment. A conversation longer than seq_len + 1 is truncated (counted in `stats`).
 """
 

@@ -21,17 +21,16 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from minicpm4.attention import AttentionMetadata
 from minicpm4.config import MiniCPMConfig
 from minicpm4.model import MiniCPMForCausalLM
 from minicpm4.train import mup
 from minicpm4.train.checkpointing import TrainState, load_checkpoint, resolve_resume, save_checkpoint
 from minicpm4.train.data import Batch, EpochSampler, PackedDataset, micro_batch_indices
 from minicpm4.train.distributed import DistInfo, init_distributed, resolve_mode, unwrap, wrap
-from minicpm4.train.doc_mask import enable_document_mask
+from minicpm4.attention.document_mask import document_metadata, enable_document_mask
 from minicpm4.train.losses import LossNormalizer, all_reduce_sum, count_targets, cross_entropy_sum
 from minicpm4.train.metrics import MetricsLog, Progress, flops_per_token, measure_peak_flops, plot_loss
-from minicpm4.train.mtp import MTPHead
+from minicpm4.mtp import MTPHead
 from minicpm4.train.schedule import WSD
 
 # Test hook: SIGKILL this process right after the given optimizer step (a real, unclean kill).
@@ -121,13 +120,12 @@ class TrainModule(nn.Module):
         """-> [2]: (sum of next-token CE, sum of MTP CE) over targets != IGNORE_INDEX."""
         B, T = input_ids.shape
         positions = torch.arange(T, device=input_ids.device).expand(B, T)
-        state = {} if segment_ids is None else {"segment_ids": segment_ids}
-        hidden = self.model.hidden_states(input_ids, positions, meta=AttentionMetadata(positions, backend_state=state))
+        hidden = self.model.hidden_states(input_ids, positions, meta=document_metadata(positions, segment_ids))
         ntp = cross_entropy_sum(self.model.logits(hidden), labels)
         if self.mtp is None:
             return torch.stack([ntp, torch.zeros_like(ntp)])
-        mtp_state = {} if segment_ids is None else {"segment_ids": segment_ids[:, 1:]}
-        h_mtp = self.mtp(self.model, hidden, input_ids, positions, mtp_state)  # row i predicts labels[:, i+1]
+        mtp_segments = None if segment_ids is None else segment_ids[:, 1:]
+        h_mtp = self.mtp(self.model, hidden, input_ids, positions, mtp_segments)  # row i predicts labels[:, i+1]
         return torch.stack([ntp, cross_entropy_sum(self.model.logits(h_mtp), labels[:, 1:])])
 
 

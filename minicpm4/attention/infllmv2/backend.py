@@ -1,6 +1,6 @@
 """InfLLM v2 behind the attention seam: prefill, chunked prefill, decode, draft verification, training.
 
-The model calls `backend(layer_idx, q, k, v, meta)` with post-RoPE q [B, Hq, T, D] and the new k/v
+The model calls `backend(layer_idx, q, k, v, meta, pre_rope)` with post-RoPE q [B, Hq, T, D] and the new k/v
 [B, Hkv, T, D]. With a KV cache this backend writes it, keeps the layer's compressed keys up to date
 (compressed_cache.py; they live on `kv_cache.backend_state["infllmv2"]`), and attends each row.
 Without a cache (training, one-shot scoring) the T tokens are the whole context and the one-shot
@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from minicpm4.attention.dense import GROUPED_MATMUL_MAX_QUERIES, DenseAttention, grouped_attention
+from minicpm4.attention.dense import GROUPED_MATMUL_MAX_QUERIES, DenseAttention, PreRope, grouped_attention
 from minicpm4.attention.infllmv2.compressed_cache import CompressedKeyCache, LayerCompressedKeys
 from minicpm4.attention.infllmv2.selection import select_blocks
 from minicpm4.attention.infllmv2.settings import InfLLMv2Settings, settings_from_config
@@ -65,10 +65,10 @@ class InfLLMv2Attention:
         return positions + 1 >= self.settings.dense_len
 
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                 meta: AttentionMetadata) -> torch.Tensor:
-        pre_rope = meta.backend_state.get("pre_rope") if self.needs_pre_rope else None
+                 meta: AttentionMetadata, pre_rope: PreRope | None = None) -> torch.Tensor:
         if self.needs_pre_rope and pre_rope is None:
-            raise RuntimeError("InfLLM v2 use_nope needs the pre-RoPE q/k in meta.backend_state['pre_rope']")
+            raise RuntimeError("InfLLM v2 use_nope needs the pre-RoPE q/k (the `pre_rope` argument)")
+        pre_rope = pre_rope if self.needs_pre_rope else None
         if meta.kv_cache is None:
             return self.forward_no_cache(q, k, v, meta, pre_rope)
         return self.forward_cached(layer_idx, q, k, v, meta, pre_rope)
@@ -123,7 +123,7 @@ class InfLLMv2Attention:
         sparse = self.sparse_queries(positions)  # [B, T]
         if not bool(sparse.any()):
             return self.dense(layer_idx, q, k, v, meta)
-        keys, values = cache.update(layer_idx, k, v, positions)  # [B, Hkv, S, D], S = largest end
+        keys, values = cache.update(layer_idx, k, v, meta)  # [B, Hkv, S, D], S = largest end
         source = cache.k[layer_idx] if pre_rope is None else layer.pre_rope_k  # keys that are compressed
         q_sel = q if pre_rope is None else pre_rope[0]
         out = torch.empty_like(q)

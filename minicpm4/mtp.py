@@ -1,4 +1,5 @@
 """Multi-token prediction head (MINICPM4.md §6.4, TR §2.3.2), a module beside the model, not inside it.
+It lives at the package top level because pretraining trains it and speculative decoding drafts with it.
 
 With h_i the main model's final hidden state at position i and x the token ids:
     ĥ_i   = concat(Norm(h_i), Norm(Emb(x_{i+1})))          [B, T-1, 2H]
@@ -21,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from minicpm4.attention import AttentionMetadata
+from minicpm4.attention.document_mask import document_metadata
 from minicpm4.config import MiniCPMConfig
 from minicpm4.model import DecoderLayer, MiniCPMForCausalLM, RMSNorm
 
@@ -39,18 +40,18 @@ class MTPHead(nn.Module):
         self.norm = RMSNorm(h, config.rms_norm_eps)
 
     def forward(self, model: MiniCPMForCausalLM, hidden: torch.Tensor, input_ids: torch.Tensor,
-                positions: torch.Tensor, backend_state: dict | None = None) -> torch.Tensor:
+                positions: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
         """hidden [B, T, H] (main model, final-normed), input_ids/positions [B, T] -> h^MTP [B, T-1, H].
 
         Row i of the result predicts x_{i+2}, i.e. labels[:, i+1] in the trainer's shifted layout.
-        `backend_state` reaches the attention backend as is; it must describe the T-1 MTP positions
-        (the trainer passes segment_ids[:, 1:]: row i belongs to the document of x_{i+1}).
+        `segment_ids` (packed documents) must describe the T-1 MTP positions (the trainer passes
+        segment_ids[:, 1:]: row i belongs to the document of x_{i+1}).
         """
         h = self.hidden_norm(hidden[:, :-1])  # h_i, i = 0 .. T-2
         e = self.embed_norm(model.model.embed_tokens(input_ids[:, 1:]))  # Emb(x_{i+1})
         x = self.proj(torch.cat([e, h] if self.embed_first else [h, e], dim=-1))  # [B, T-1, H]
         pos = positions[:, :-1]
         cos, sin = model.rotary(pos, int(positions.max()) + 1)  # same LongRoPE table as the main pass
-        meta = AttentionMetadata(positions=pos, backend_state=dict(backend_state or {}))
+        meta = document_metadata(pos, segment_ids)
         x = self.layer(x, cos, sin, meta, model.attention_backend)
         return self.norm(x)
