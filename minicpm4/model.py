@@ -193,14 +193,17 @@ class MiniCPMForCausalLM(nn.Module):
                 module.weight.fill_(1.0)
 
     def hidden_states(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                      kv_cache: StaticKVCache | None = None, meta: AttentionMetadata | None = None) -> torch.Tensor:
-        """input_ids [B, T] -> final-normed hidden states [B, T, hidden]."""
+                      kv_cache: StaticKVCache | None = None, meta: AttentionMetadata | None = None,
+                      context_len: int | None = None) -> torch.Tensor:
+        """input_ids [B, T] -> final-normed hidden states [B, T, hidden]. context_len: the length the
+        rotary table covers (LongRoPE picks its factors by it); default the cache length, else T."""
         B, T = input_ids.shape
         if positions is None:
             positions = torch.arange(T, device=input_ids.device).expand(B, T)
         if meta is None:
             meta = AttentionMetadata.for_cache(positions, kv_cache)
-        context_len = kv_cache.max_seq_len if kv_cache is not None else int(positions.max()) + 1
+        if context_len is None:
+            context_len = kv_cache.max_seq_len if kv_cache is not None else int(positions.max()) + 1
         cos, sin = self.rotary(positions, context_len)
         h = self.model.embed_tokens(input_ids) * self.config.scale_emb  # muP: embedding x scale_emb
         for layer in self.model.layers:

@@ -1,5 +1,9 @@
 """Sampling parameters and the logits -> next-token step (greedy, temperature, top-k, top-p, min-p,
-repetition penalty), batched over rows with one seeded generator."""
+repetition / frequency / presence penalties).
+
+The reference path (`sample_next`) samples a batch with one SamplingParams and one generator; the
+engine (engine/sampler.py) applies the same functions per request, with a generator per request.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +24,11 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)  # stop strings (need a tokenizer)
     stop_token_ids: list[int] | None = None  # None = the model's eos list
     ignore_eos: bool = False
+    # OpenAI rule over the GENERATED tokens: logit -= frequency_penalty * count + presence_penalty * (count > 0)
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logprobs: int | None = None  # engine: log-probabilities of each sampled token and its top-N alternatives
+    prompt_logprobs: int | None = None  # engine: the same for every prompt token after the first
 
     def __post_init__(self) -> None:
         self.validate()
@@ -40,6 +49,13 @@ class SamplingParams:
             bad("min_p", "must be in [0, 1]")
         if not self.repetition_penalty > 0.0:
             bad("repetition_penalty", "must be > 0")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                bad(name, "must be in [-2, 2]")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 20):
+                bad(name, "must be None or an integer in [0, 20]")
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         if not all(isinstance(s, str) and s for s in self.stop):
@@ -56,6 +72,13 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
         return logits
     penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
     return torch.where(seen, penalised, logits)
+
+
+def apply_count_penalties(logits: torch.Tensor, counts: torch.Tensor, frequency: float, presence: float) -> torch.Tensor:
+    """logits [B, V]; counts [B, V] occurrences of each token among the generated ones (OpenAI rule)."""
+    if frequency == 0.0 and presence == 0.0:
+        return logits
+    return logits - frequency * counts - presence * (counts > 0).to(logits.dtype)
 
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

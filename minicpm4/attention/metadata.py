@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:  # only for annotations: the cache modules import nothing from here
-    from minicpm4.attention.paged_batch import PagedBatch
+    from minicpm4.attention.paged import PagedBatch
     from minicpm4.kv_cache import StaticKVCache
 
 
@@ -33,7 +33,7 @@ class AttentionMetadata:
     # mask [B, 1, T, T] (None = one document per row); see attention/document_mask.py.
     segment_ids: torch.Tensor | None = None
     document_mask: torch.Tensor | None = None
-    # The engine's paged step (ragged sequences packed into one row); see attention/paged_batch.py.
+    # The engine's paged step (ragged sequences packed into one row); see attention/paged.py.
     paged: PagedBatch | None = None
 
     @classmethod

@@ -1,0 +1,36 @@
+"""Engine settings: one typed value, validated where it is built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineConfig:
+    # Tokens per KV page. 64 = InfLLM v2's attention block (MINICPM4.md §3.2), so a sparse block is one
+    # page, and its C1/C2 compressed keys (strides 16 / 64) tile pages exactly.
+    block_size: int = 64
+    # KV pages in the pool; None: enough for `kv_cache_tokens`.
+    num_kv_blocks: int | None = None
+    kv_cache_tokens: int = 32768
+    max_num_seqs: int = 64  # running requests at most
+    # Tokens processed per step, prefill chunks and decodes together (the scheduler's budget).
+    max_num_batched_tokens: int = 512
+    max_model_len: int | None = None  # prompt + generated tokens; None: the model's max_position_embeddings
+    enable_prefix_caching: bool = True  # reuse full KV pages of an identical prefix (block hashing)
+    enable_chunked_prefill: bool = True  # split long prompts over steps (else a prompt is prefilled in one step)
+    max_waiting: int = 1024  # queued requests at most; adding more raises QueueFullError (HTTP 429)
+    fast_forward: bool = True  # FastDecoder (fused weights) instead of the model's own forward
+
+    def __post_init__(self) -> None:
+        def positive(name: str) -> None:
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"EngineConfig.{name} must be a positive integer, got {value!r}")
+
+        for name in ("block_size", "num_kv_blocks", "kv_cache_tokens", "max_num_seqs", "max_num_batched_tokens",
+                     "max_model_len", "max_waiting"):
+            positive(name)
+
+    def num_blocks(self) -> int:
+        return self.num_kv_blocks or -(-self.kv_cache_tokens // self.block_size)
