@@ -4,9 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup clean corpus corpus-packages
+.PHONY: demo test setup clean corpus corpus-packages browser-packages
 
-setup: $(STAMP)
+setup: $(STAMP) browser-packages
 
 # torch first and pinned: the CPU build lies on local disk; a bare `torch` would pull a CUDA build.
 $(STAMP): pyproject.toml
@@ -19,8 +19,22 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/minicpm4 demo
 
-test: $(STAMP)
+test: $(STAMP) browser-packages
 	$(PY) -m pytest -q
+
+# The chat-page test drives the system's Chromium through chromedriver (tests/server/test_server_browser.py).
+# Installed when missing; a failed install is only a warning: that one test then skips, saying why.
+BROWSER_PACKAGES := chromium chromium-driver
+browser-packages:
+	@missing=$$(for p in $(BROWSER_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing (for the chat-page browser test):" $$missing; \
+		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$sudo apt-get install -y --no-install-recommends $$missing \
+			|| { $$sudo apt-get update -q && $$sudo apt-get install -y --no-install-recommends $$missing; } \
+			|| echo "warning: could not install $$missing; the browser test will skip"; \
+	fi
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -80,15 +80,37 @@ def generation_defaults(model_dir: Path | None) -> dict[str, Any]:
     return {k: v for k, v in gc.items() if k in keys and v is not None}
 
 
+ENGINES = ("engine", "reference")
+
+
 class Pipeline:
-    """A model, its tokenizer and sampling defaults, with text-in / text-out methods."""
+    """A model, its tokenizer and sampling defaults, with text-in / text-out methods.
+
+    engine: "engine" (default) runs requests through the inference engine (minicpm4/engine: paged KV,
+    continuous batching, fused fast forward); "reference" through the readable reference path
+    (minicpm4/generate.py), the spec the engine is tested against. engine_options: EngineConfig fields.
+    """
 
     def __init__(self, model: MiniCPMForCausalLM, tokenizer: Tokenizer, defaults: dict[str, Any] | None = None,
-                 description: str = "") -> None:
+                 description: str = "", engine: str = "engine", **engine_options: Any) -> None:
+        if engine not in ENGINES:
+            raise ValueError(f"engine: unknown value {engine!r}; choose from {', '.join(ENGINES)}")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.defaults = defaults or {}
         self.description = description
+        self.engine = engine
+        self.engine_options = engine_options
+        self._llm = None
+
+    @property
+    def llm(self):
+        """The engine over this pipeline's model, built on first use (it allocates the KV pool)."""
+        if self._llm is None:
+            from minicpm4.engine import LLM  # the engine imports this module's loaders: import on use
+
+            self._llm = LLM(model=self.model, tokenizer=self.tokenizer, **self.engine_options)
+        return self._llm
 
     @property
     def config(self) -> MiniCPMConfig:
@@ -135,6 +157,13 @@ class Pipeline:
         """Yield (row, new text, finish reason or None) as tokens arrive, for a batch of prompts.
         If `token_ids` is given (one list per prompt), the generated ids are appended to it."""
         ids = [self.encode_prompt(p) for p in prompts]
+        if self.engine == "engine":
+            for row, out in self.llm.stream_batch(ids, params):
+                if token_ids is not None:
+                    token_ids[row].extend(out.new_token_ids)
+                if out.new_text or out.finished:
+                    yield row, out.new_text, out.finish_reason if out.finished else None
+            return
         decoders = [StreamDecoder(self.tokenizer, skip_special_tokens=True) for _ in prompts]
         filters = [StopStringFilter(params.stop) for _ in prompts]
         should_stop = (lambda row, _: filters[row].stopped) if params.stop else None
@@ -194,26 +223,27 @@ def reconfigure(model: MiniCPMForCausalLM, config: MiniCPMConfig) -> MiniCPMForC
 
 def from_pretrained(path: str | Path, dtype: str | torch.dtype | None = "auto", device: str = "cpu",
                     sparse: bool | None = None, sparse_variant: str | None = None,
-                    context_extension: str | None = None) -> Pipeline:
+                    context_extension: str | None = None, engine: str = "engine", **engine_options: Any) -> Pipeline:
     """Load a Hugging Face MiniCPM4 folder (config.json, safetensors, tokenizer files).
     dtype: "auto" (default: fast for the device), None (as stored), or a dtype name.
-    sparse / sparse_variant / context_extension: see `runtime_config`."""
+    sparse / sparse_variant / context_extension: see `runtime_config`. engine / engine_options: see Pipeline."""
     path = Path(path)
     model = load_model(path, dtype=parse_dtype(dtype, device), device=device)
     reconfigure(model, runtime_config(model.config, sparse, sparse_variant, context_extension))
     tokenizer = Tokenizer.from_pretrained(path)
-    return Pipeline(model, tokenizer, generation_defaults(path), description=str(path))
+    return Pipeline(model, tokenizer, generation_defaults(path), description=str(path), engine=engine, **engine_options)
 
 
 def demo_pipeline(dtype: str | torch.dtype | None = "auto", seed: int = 0, sparse: bool | None = None,
-                  sparse_variant: str | None = None, context_extension: str | None = None) -> Pipeline:
+                  sparse_variant: str | None = None, context_extension: str | None = None,
+                  engine: str = "engine") -> Pipeline:
     """A tiny RANDOMLY INITIALISED MiniCPM4 with the real MiniCPM4 tokenizer: it runs every code path
     but writes gibberish. It stands in until the trained default model ships (training issue)."""
     cfg = runtime_config(tiny(vocab_size=73448, eos_token_id=[2, 73440]), sparse, sparse_variant, context_extension)
     model = build_model(cfg, dtype=parse_dtype(dtype) or torch.float32, seed=seed)
     tokenizer = Tokenizer.from_pretrained(BUNDLED_TOKENIZER_DIR)
     return Pipeline(model, tokenizer, generation_defaults(BUNDLED_TOKENIZER_DIR),
-                    description="tiny random-init demo model (no trained weights yet)")
+                    description="tiny random-init demo model (no trained weights yet)", engine=engine)
 
 
 def has_default_model() -> bool:
@@ -222,7 +252,7 @@ def has_default_model() -> bool:
 
 def default_pipeline(dtype: str | torch.dtype | None = "auto", **runtime: Any) -> Pipeline:
     """The bundled trained default model, or the random-init demo model if none ships yet.
-    runtime: sparse / sparse_variant / context_extension (see `runtime_config`)."""
+    runtime: sparse / sparse_variant / context_extension (see `runtime_config`), engine (see Pipeline)."""
     if has_default_model():
         pipe = from_pretrained(DEFAULT_MODEL_DIR, dtype=dtype, **runtime)
         pipe.description = "bundled default model (trained by `make default-model`; see its model card)"

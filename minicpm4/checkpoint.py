@@ -26,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from minicpm4.config import MiniCPMConfig
+from minicpm4.io import fsync_files
 from minicpm4.model import MiniCPMForCausalLM
 
 SINGLE_FILE = "model.safetensors"
@@ -333,9 +334,7 @@ def save_model(model: MiniCPMForCausalLM, path: str | os.PathLike, max_shard_siz
         dtype_name = str(saved_dtype).removeprefix("torch.")
         config = model.config if model.config.torch_dtype == dtype_name else model.config.replace(torch_dtype=dtype_name)
         config.save_json(tmp / "config.json")
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())  # data on disk before the renames that publish it
+        fsync_files(tmp)  # data on disk before the renames that publish it
         _install(tmp, folder, entry)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

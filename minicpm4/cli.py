@@ -10,9 +10,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from minicpm4.config import ConfigError, MiniCPMConfig, PRESETS, preset
-
-EXIT_USAGE = 2
+from minicpm4.config import PRESETS, read_config
+from minicpm4.errors import UserError, run_command
 
 # Subcommands that live beside their feature: each module defines `register(subparsers)` and raises
 # UserError / ValueError for problems a user can fix. Heavy imports stay inside the handlers.
@@ -20,11 +19,8 @@ COMMAND_MODULES = (
     "minicpm4.data.cli",  # data build-corpus | shards | build-sft, tokenizer train
     "minicpm4.train.cli",  # train pretrain | long | sft | export
     "minicpm4.train.tunnel_cli",  # tunnel (ModelTunnel muP LR search)
+    "minicpm4.server.cli",  # serve (OpenAI-compatible server + chat page)
 )
-
-
-class UserError(Exception):
-    """A problem with the command line or the files it names: shown as one line."""
 
 
 # ---- shared options --------------------------------------------------------------------------
@@ -35,6 +31,9 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                    help="weight dtype; auto = bfloat16 on CUDA and AVX-512 CPUs, float32 elsewhere (faster there)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--engine", choices=["engine", "reference"], default="engine",
+                   help="engine: the inference engine (paged KV, batching, fast forward); reference: the readable "
+                   "reference path (minicpm4/generate.py) the engine is tested against")
     add_runtime_options(p)
 
 
@@ -55,7 +54,8 @@ def runtime_options(args: argparse.Namespace) -> dict:
         if sparse is False:
             raise UserError("--sparse-variant needs sparse attention; drop --sparse off")
         sparse = True
-    return {"sparse": sparse, "sparse_variant": args.sparse_variant, "context_extension": args.context}
+    return {"sparse": sparse, "sparse_variant": args.sparse_variant, "context_extension": args.context,
+            "engine": getattr(args, "engine", "engine")}
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -93,15 +93,6 @@ def load_pipeline(args: argparse.Namespace):
     if not model_dir.is_dir():
         raise UserError(f"--model {args.model}: not a folder")
     return from_pretrained(model_dir, dtype=args.dtype, device=args.device, **runtime_options(args))
-
-
-def read_config(target: str) -> MiniCPMConfig:
-    if target in PRESETS:
-        return preset(target)
-    path = Path(target)
-    if not path.exists():
-        raise UserError(f"{target}: no such folder or file, and not a preset ({', '.join(PRESETS)})")
-    return MiniCPMConfig.from_json(path)
 
 
 # ---- subcommands -----------------------------------------------------------------------------
@@ -238,18 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        args.func(args)
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
-    except BrokenPipeError:  # e.g. `minicpm4 info X | head`: the reader left, nothing to report
-        sys.stderr.close()
-        return 0
-    except (UserError, ConfigError, ValueError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
-        print(f"minicpm4 {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    return 0
+    return run_command(args.func, args, f"minicpm4 {args.command}")
 
 
 if __name__ == "__main__":

@@ -10,11 +10,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from minicpm4.errors import UserError
+from minicpm4.io import write_text_atomic
 
 
 class ConfigError(ValueError):
@@ -333,20 +334,6 @@ class MiniCPMConfig:
         return self.replace(rope_scaling=new_rs, max_position_embeddings=EXTENDED_CONTEXT)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write via a temp file in the same folder + rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; the result should read like any other written file
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # ---- presets ------------------------------------------------------------------------------
 # The released LongRoPE factors of MiniCPM4-0.5B (head_dim 64 -> 32 values; short == long).
 MINICPM4_05B_ROPE_FACTORS = [
@@ -417,3 +404,13 @@ def preset(name: str, **overrides: Any) -> MiniCPMConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
     return PRESETS[name](**overrides)
+
+
+def read_config(target: str) -> MiniCPMConfig:
+    """A preset name, a config.json, or a model folder holding one (what the CLI's MODEL_DIR / --model-config take)."""
+    if target in PRESETS:
+        return preset(target)
+    path = Path(target)
+    if not path.exists():
+        raise UserError(f"{target}: no such folder or file, and not a preset ({', '.join(PRESETS)})")
+    return MiniCPMConfig.from_json(path)

@@ -11,7 +11,6 @@ import minicpm4
 from minicpm4.api import BUNDLED_TOKENIZER_DIR, demo_pipeline
 from minicpm4.cli import build_parser, main
 from minicpm4.config import tiny
-from minicpm4.model import build_model
 
 SUBCOMMANDS = ["generate", "chat", "info", "convert", "demo"]
 
@@ -22,15 +21,10 @@ def pipe():
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
+def model_dir(tmp_path_factory, hub_folder):
     """A tiny MiniCPM4 folder laid out as on the Hub: config, safetensors, tokenizer files."""
-    path = tmp_path_factory.mktemp("tiny-model")
-    model = build_model(tiny(vocab_size=73448, eos_token_id=[2, 73440], initializer_range=0.3), seed=5)
-    minicpm4.save_model(model, path)
-    for f in BUNDLED_TOKENIZER_DIR.iterdir():
-        if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "added_tokens.json"):
-            shutil.copy(f, path / f.name)
-    return path
+    return hub_folder(tmp_path_factory.mktemp("tiny-model"), tiny(vocab_size=73448, eos_token_id=[2, 73440],
+                                                                  initializer_range=0.3))
 
 
 def test_stream_concatenates_to_generate(pipe):

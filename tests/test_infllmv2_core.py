@@ -28,13 +28,7 @@ from minicpm4.attention.infllmv2.sparse_attention import (
 )
 from minicpm4.config import SparseConfig
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These shapes are tiny: a second OpenMP thread only adds barrier waits (10x slower on a busy 2-core box)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SMALL = dict(kernel_size=8, kernel_stride=4, block_size=16)

@@ -6,7 +6,6 @@ model reaches the sparse regime in a few hundred tokens.
 
 import json
 import math
-import shutil
 
 import pytest
 import torch
@@ -306,29 +305,18 @@ def test_training_path_is_differentiable():
 # ---- CLI and API switches ---------------------------------------------------------------------
 
 
-def _model_folder(path, cfg):
-    import minicpm4
-    from minicpm4.api import BUNDLED_TOKENIZER_DIR
-
-    minicpm4.save_model(build_model(cfg, seed=5), path)
-    for f in BUNDLED_TOKENIZER_DIR.iterdir():
-        if f.name.startswith("tokenizer") or f.name in ("special_tokens_map.json", "added_tokens.json"):
-            shutil.copy(f, path / f.name)
-    return path
-
-
 @pytest.fixture(scope="module")
-def sparse_model_dir(tmp_path_factory):
+def sparse_model_dir(tmp_path_factory, hub_folder):
     """A tiny checkpoint folder whose config.json has a (small) sparse_config and 32K LongRoPE."""
     rope = RopeScaling([1.0 + i for i in range(8)], [1.0 + i for i in range(8)], 32768)
     cfg = tiny(vocab_size=73448, eos_token_id=[2, 73440], max_position_embeddings=32768, rope_scaling=rope)
-    return _model_folder(tmp_path_factory.mktemp("tiny-sparse"), cfg.with_sparse(True, **{**SMALL, "dense_len": -1}))
+    return hub_folder(tmp_path_factory.mktemp("tiny-sparse"), cfg.with_sparse(True, **{**SMALL, "dense_len": -1}))
 
 
 @pytest.fixture(scope="module")
-def plain_model_dir(tmp_path_factory):
+def plain_model_dir(tmp_path_factory, hub_folder):
     """A tiny dense checkpoint trained (so its config says) to 512 tokens."""
-    return _model_folder(tmp_path_factory.mktemp("tiny-plain"), tiny(vocab_size=73448, eos_token_id=[2, 73440]))
+    return hub_folder(tmp_path_factory.mktemp("tiny-plain"), tiny(vocab_size=73448, eos_token_id=[2, 73440]))
 
 
 def test_cli_help_lists_the_switches(capsys):

@@ -36,12 +36,7 @@ from minicpm4.train.trainer import TrainConfig, build_train_module, forward_back
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_shards(folder: Path, num_docs: int = 600, seed: int = 0) -> Path:

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from minicpm4.cli import UserError
 from minicpm4.config import tiny
 from minicpm4.data.tokenizer_train import train_tokenizer
+from minicpm4.errors import UserError
 from minicpm4.tokenizer import Tokenizer
 from minicpm4.train import tunnel_cli
 from minicpm4.train.data import SyntheticTokens
@@ -36,12 +36,7 @@ CONVERSATIONS = [
 VOCAB = 320  # >= the test tokenizer's 300 ids
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

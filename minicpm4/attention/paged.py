@@ -43,6 +43,7 @@ class PagedBatch:
     context_lens: torch.Tensor  # [S] int32: keys of each sequence after this step's write
     query_lens_host: list[int]  # the same lengths as Python ints (no device sync to read them)
     context_lens_host: list[int]
+    block_tables_host: list[list[int]] | None = None  # the page ids as Python ints (InfLLM v2 bookkeeping)
 
 
 class PagedAttention:

@@ -43,18 +43,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 import time
 import unicodedata
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from minicpm4.config import write_text_atomic
 from minicpm4.data import progress
 from minicpm4.data.sources import SOURCES, Document, SourcePaths
+from minicpm4.io import atomic_paths, write_text_atomic
 
 SPLITS = ("train", "val")
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b\ufeff]")  # keep \t and \n
@@ -135,9 +134,8 @@ def build_corpus(config: CorpusConfig, show_progress: bool = True) -> dict:
     stats = {name: SourceStats() for name in config.sources}
     exact: set[bytes] = set()
     near: set[bytes] = set()
-    temps = {split: tempfile.mkstemp(dir=out, prefix=f".{split}.", suffix=".jsonl.tmp") for split in SPLITS}
-    files = {split: os.fdopen(fd, "w", encoding="utf-8") for split, (fd, _) in temps.items()}
-    try:
+    with atomic_paths({split: out / f"{split}.jsonl" for split in SPLITS}) as temps, ExitStack() as stack:
+        files = {split: stack.enter_context(tmp.open("w", encoding="utf-8")) for split, tmp in temps.items()}
         for name in config.sources:
             s = stats[name]
             for doc in progress(SOURCES[name].documents(config.paths), desc=f"corpus {name}", unit="doc",
@@ -164,16 +162,6 @@ def build_corpus(config: CorpusConfig, show_progress: bool = True) -> dict:
                                               ensure_ascii=False) + "\n")
                 s.documents[split] += 1
                 s.bytes[split] += len(text.encode())
-        for f in files.values():
-            f.close()
-        for split, (_, tmp) in temps.items():
-            os.replace(tmp, out / f"{split}.jsonl")
-    except BaseException:
-        for f in files.values():
-            f.close()
-        for _, tmp in temps.values():
-            Path(tmp).unlink(missing_ok=True)
-        raise
     result = {
         "val_fraction": config.val_fraction,
         "min_chars": config.min_chars,

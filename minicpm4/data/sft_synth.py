@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from minicpm4.config import write_text_atomic
+from minicpm4.io import write_text_atomic
 from minicpm4.data.corpus import iter_corpus
 from minicpm4.data.sources import SourcePaths, Verse, WordEntry, bible_verses, dictd_entries, wordnet_entries
 

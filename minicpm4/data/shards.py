@@ -21,8 +21,6 @@ matches its .bin sizes is complete (TokenShards.open checks that).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +28,10 @@ from typing import Iterator
 
 import numpy as np
 
-from minicpm4.config import write_text_atomic
 from minicpm4.data import progress
 from minicpm4.data.corpus import SPLITS, iter_corpus
 from minicpm4.data.sources import Document
+from minicpm4.io import atomic_paths, write_text_atomic
 from minicpm4.tokenizer import Tokenizer
 
 DOC_EOS = "</s>"
@@ -106,14 +104,12 @@ def write_shards(corpus_dir: str | Path, tokenizer_dir: str | Path, out_dir: str
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     num_tokens, num_docs, sources = {}, {}, {}
-    temps = {}
-    try:
+    with atomic_paths({split: out / f"{split}.bin" for split in SPLITS}) as temps:
         for split in SPLITS:
-            fd, temps[split] = tempfile.mkstemp(dir=out, prefix=f".{split}.", suffix=".bin.tmp")
             n_tok = n_doc = 0
             total = _count_lines(Path(corpus_dir) / f"{split}.jsonl")
-            with os.fdopen(fd, "wb") as f, progress(total=total, desc=f"shards {split}", unit="doc",
-                                                    disable=not show_progress) as bar:
+            with temps[split].open("wb") as f, progress(total=total, desc=f"shards {split}", unit="doc",
+                                                        disable=not show_progress) as bar:
                 for batch in _batches(iter_corpus(corpus_dir, split), batch_size):
                     encodings = backend.encode_batch([d.text for d in batch], add_special_tokens=False)
                     if n_doc == 0:
@@ -134,12 +130,6 @@ def write_shards(corpus_dir: str | Path, tokenizer_dir: str | Path, out_dir: str
                     n_doc += len(batch)
                     bar.update(len(batch))
             num_tokens[split], num_docs[split] = n_tok, n_doc
-        for split, tmp in temps.items():
-            os.replace(tmp, out / f"{split}.bin")
-    except BaseException:
-        for tmp in temps.values():
-            Path(tmp).unlink(missing_ok=True)
-        raise
     meta = {
         "dtype": dtype.name,
         "vocab_size": tok.vocab_size,

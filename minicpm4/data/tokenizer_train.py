@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from minicpm4.config import write_text_atomic
+from minicpm4.io import write_text_atomic
 from minicpm4.data import progress
 from minicpm4.data.corpus import iter_corpus
 from minicpm4.tokenizer import CHATML_TEMPLATE

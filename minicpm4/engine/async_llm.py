@@ -96,6 +96,11 @@ class AsyncLLM:
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
+    @property
+    def is_alive(self) -> bool:
+        """The worker thread runs and has not crashed (the server's /health)."""
+        return self._worker.is_alive() and self.error is None
+
     async def shutdown(self, drain: bool = True, timeout: float = 30.0) -> None:
         """Refuse new requests; with drain, wait (up to timeout) for the running ones; then stop the worker."""
         self._stopping = True

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass
 class EngineConfig:
-    # Tokens per KV page. 64 = InfLLM v2's attention block (MINICPM4.md §3.2), so a sparse block is one
-    # page, and its C1/C2 compressed keys (strides 16 / 64) tile pages exactly.
-    block_size: int = 64
+    # Tokens per KV page. None: the model's InfLLM v2 block size when it is sparse (a sparse block is then
+    # one page, and its C1/C2 compressed keys, strides 16 / 64, tile pages exactly), else 64 (the
+    # MiniCPM4 sparse block, MINICPM4.md §3.2, so dense and sparse runs share a page size).
+    block_size: int | None = None
     # KV pages in the pool; None: enough for `kv_cache_tokens`.
     num_kv_blocks: int | None = None
     kv_cache_tokens: int = 32768
@@ -32,5 +33,12 @@ class EngineConfig:
                      "max_model_len", "max_waiting"):
             positive(name)
 
+    def resolved(self, sparse_block_size: int | None) -> EngineConfig:
+        """This config with block_size decided for a model (sparse_block_size: its InfLLM v2 block, if any)."""
+        if self.block_size is not None:
+            return self
+        return replace(self, block_size=sparse_block_size or 64)
+
     def num_blocks(self) -> int:
+        assert self.block_size is not None, "EngineConfig.resolved() decides block_size first"
         return self.num_kv_blocks or -(-self.kv_cache_tokens // self.block_size)

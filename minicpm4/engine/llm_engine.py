@@ -45,7 +45,8 @@ class LLMEngine:
                  config: EngineConfig | None = None) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.config = config = config or EngineConfig()
+        sparse = model.config.sparse_config
+        self.config = config = (config or EngineConfig()).resolved(sparse.block_size if sparse is not None else None)
         self.max_model_len = config.max_model_len or model.config.max_position_embeddings
         capacity = config.num_blocks() * config.block_size
         if self.max_model_len > capacity:
@@ -91,9 +92,10 @@ class LLMEngine:
         if self.tokenizer is not None:
             self.text[request_id] = TextState(self.tokenizer, params.stop)
         self._sent[request_id] = (0, 0, 0)
-        if params.max_new_tokens == 0:
-            self._finish(seq, "length")
-        self.scheduler.add(seq)
+        if params.max_new_tokens == 0 and params.prompt_logprobs is None:
+            self._finish(seq, "length")  # reported by the next step, never scheduled
+        else:
+            self.scheduler.add(seq)
         return request_id
 
     def abort(self, request_id: str) -> bool:
@@ -139,7 +141,10 @@ class LLMEngine:
                 lp_of = dict(zip(wants, lps))
                 now = time.perf_counter()
                 for i, (seq, token) in enumerate(zip(seqs, tokens)):
-                    self._append(seq, token, lp_of.get(i), now)
+                    if seq.params.max_new_tokens == 0:  # ran only for its prompt logprobs
+                        self._finish(seq, "length")
+                    else:
+                        self._append(seq, token, lp_of.get(i), now)
                     changed.append(seq)
             changed.extend(e.seq for e in plan.scheduled if e.seq.params.prompt_logprobs is not None)
         outputs = []

@@ -30,12 +30,13 @@ class StepLogits:
     prompt_logits: list[tuple[ScheduledSequence, torch.Tensor, list[int]]]
 
 
-def make_paged_backend(model: MiniCPMForCausalLM):
-    """Dense paged attention, or InfLLM v2 over the same pages when the model's config is sparse."""
+def make_paged_backend(model: MiniCPMForCausalLM, block_size: int):
+    """Dense paged attention, or InfLLM v2 over the same pages when the model's config is sparse (it
+    checks now, not at the first step, that one sparse block is one page)."""
     if model.config.sparse_config is not None:
         from minicpm4.attention.infllmv2.paged import make_paged_infllmv2_backend  # imported on use
 
-        return make_paged_infllmv2_backend(model.config)
+        return make_paged_infllmv2_backend(model.config, block_size=block_size)
     return PagedAttention()
 
 
@@ -49,7 +50,7 @@ class ModelRunner:
         cfg = model.config
         self.cache = PagedKVCache(cfg.num_hidden_layers, config.num_blocks(), config.block_size,
                                   cfg.num_key_value_heads, cfg.head_dim, p.dtype, p.device)
-        self.backend = make_paged_backend(model)
+        self.backend = make_paged_backend(model, config.block_size)
         self.fast = None
         if config.fast_forward:
             from minicpm4.engine.fast_forward import FastDecoder
@@ -82,7 +83,8 @@ class ModelRunner:
             block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
             query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
             context_lens=torch.tensor(ctx, dtype=torch.int32, device=dev),
-            query_lens_host=[e.num_tokens for e in scheduled], context_lens_host=ctx)
+            query_lens_host=[e.num_tokens for e in scheduled], context_lens_host=ctx,
+            block_tables_host=[e.seq.block_table for e in scheduled])
         return torch.tensor(ids, dtype=torch.long, device=dev), batch
 
     def hidden_states(self, input_ids: torch.Tensor, batch: PagedBatch) -> torch.Tensor:

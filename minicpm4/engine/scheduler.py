@@ -90,7 +90,8 @@ class Scheduler:
         # Admit waiting requests (never while we are preempting: memory is short).
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            self.blocks.match_prefix(seq)
+            if seq.params.prompt_logprobs is None:  # prompt logprobs need every prompt row computed
+                self.blocks.match_prefix(seq)
             want = seq.num_tokens - seq.num_computed_tokens
             n = min(want, budget) if self.config.enable_chunked_prefill else want
             if (n > budget and scheduled) or not self.blocks.can_allocate(seq, n):

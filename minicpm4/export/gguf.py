@@ -22,8 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -33,6 +31,7 @@ import numpy as np
 import torch
 
 from minicpm4.config import MiniCPMConfig
+from minicpm4.io import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -422,21 +421,15 @@ def export_gguf(config: MiniCPMConfig, tensors: Mapping[str, torch.Tensor], toke
         writer.add_tensor_info(p.gguf_name, p.shape, np.dtype(dtype), math.prod(p.shape) * np.dtype(dtype).itemsize,
                                raw_dtype=raw)
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        writer.write_header_to_file(path=Path(tmp))
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for p in plan:  # streamed in plan order, the order of the tensor infos
-            writer.write_tensor_data(_to_numpy(p.source(), bf16 and not p.keep_f32))
-        writer.close()
-        os.replace(tmp, out_path)
-    except BaseException:
-        writer.close()
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(out_path) as tmp:
+        try:
+            writer.write_header_to_file(path=tmp)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for p in plan:  # streamed in plan order, the order of the tensor infos
+                writer.write_tensor_data(_to_numpy(p.source(), bf16 and not p.keep_f32))
+        finally:
+            writer.close()
     logger.info("wrote %s (%s, %d tensors)", out_path, out_type, len(plan))
     return out_path
 

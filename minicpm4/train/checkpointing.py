@@ -32,7 +32,7 @@ import torch.distributed.checkpoint as dcp
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from minicpm4.config import write_text_atomic
+from minicpm4.io import fsync_files, write_text_atomic
 from minicpm4.train.distributed import DistInfo, barrier, broadcast_object
 
 STEP_DIR = re.compile(r"step_(\d{8})")
@@ -105,13 +105,6 @@ def _quiet_single_process():
         yield
 
 
-def _fsync_tree(folder: Path) -> None:
-    for f in folder.iterdir():
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-
-
 def save_checkpoint(out_dir: str | Path, module: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState,
                     info: DistInfo, keep_last: int = 3) -> Path:
     """Collective: every rank calls it. Returns the checkpoint folder."""
@@ -128,7 +121,7 @@ def save_checkpoint(out_dir: str | Path, module: nn.Module, optimizer: torch.opt
     barrier(info)
     if info.is_main:
         (partial / STATE_FILE).write_text(json.dumps(state.__dict__, indent=1) + "\n", encoding="utf-8")
-        _fsync_tree(partial)
+        fsync_files(partial)
         if final.exists():  # the same step saved again (e.g. after a resume): replace it
             old = final.with_name(f".{final.name}.old")
             shutil.rmtree(old, ignore_errors=True)

@@ -13,7 +13,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from minicpm4.cli import UserError
+from minicpm4.errors import UserError
 
 # flag -> TrainConfig field, for flags whose argparse default is None ("take the preset's value")
 TRAIN_FLAGS = {
@@ -196,7 +196,7 @@ def _steps(args: argparse.Namespace) -> int:
 # ---- stages ------------------------------------------------------------------------------------------
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
-    from minicpm4.cli import read_config
+    from minicpm4.config import read_config
     from minicpm4.train import stages
     from minicpm4.train.data import TokenWindows, read_meta
 

@@ -20,7 +20,7 @@ import torch
 
 from minicpm4.api import Pipeline, from_pretrained
 from minicpm4.checkpoint import load_model, save_model
-from minicpm4.config import write_text_atomic
+from minicpm4.io import write_text_atomic
 from minicpm4.model import MiniCPMForCausalLM
 from minicpm4.tokenizer import Tokenizer
 from minicpm4.train.chat_eval import read_heldout, score_generations

@@ -11,7 +11,8 @@ from typing import Any
 
 import torch
 
-from minicpm4.config import MiniCPMConfig, write_text_atomic
+from minicpm4.config import MiniCPMConfig
+from minicpm4.io import atomic_path, write_text_atomic
 
 
 def matmul_params(config: MiniCPMConfig) -> tuple[int, int]:
@@ -127,10 +128,9 @@ def plot_loss(metrics_path: str | Path, png_path: str | Path, title: str = "") -
     ax.grid(alpha=0.3)
     ax.legend()
     png_path = Path(png_path)
-    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    with atomic_path(png_path) as tmp:  # the temp name ends in .png: savefig takes the format from it
+        fig.savefig(tmp, dpi=100, bbox_inches="tight")
     plt.close(fig)
-    tmp.replace(png_path)
     return png_path
 
 

@@ -40,7 +40,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from minicpm4.config import MiniCPMConfig, write_text_atomic
+from minicpm4.config import MiniCPMConfig
+from minicpm4.io import atomic_path, write_text_atomic
 from minicpm4.train import mup
 from minicpm4.train.data import PackedDataset
 from minicpm4.train.losses import count_targets
@@ -552,10 +553,9 @@ def plot(report: SweepReport, path: str | Path, init_scale: float | None = None,
                  f"init {init_scale:g}  (star: argmin, dashed: parabola fit)", fontsize=10)
     fig.tight_layout()
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path) as tmp:  # the temp name ends in .png: savefig takes the format from it
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    tmp.replace(path)
     return path
 
 

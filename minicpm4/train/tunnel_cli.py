@@ -16,7 +16,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from minicpm4.cli import UserError
+from minicpm4.errors import UserError, run_command
 
 
 def parse_lrs(text: str, flag: str = "--lrs") -> tuple[float, ...]:
@@ -172,19 +172,12 @@ def cmd_tunnel(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m minicpm4.train.tunnel_cli FLAGS` = `minicpm4 tunnel FLAGS`."""
-    from minicpm4.cli import EXIT_USAGE
-
     parser = argparse.ArgumentParser(prog="minicpm4")
     sub = parser.add_subparsers(dest="command")
     register(sub)
     args = parser.parse_args(["tunnel", *(sys.argv[1:] if argv is None else argv)])
     args.program = "python -m minicpm4.train.tunnel_cli"
-    try:
-        args.func(args)
-    except (UserError, ValueError, FileNotFoundError) as e:
-        print(f"minicpm4 tunnel: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    return 0
+    return run_command(args.func, args, "minicpm4 tunnel")
 
 
 if __name__ == "__main__":

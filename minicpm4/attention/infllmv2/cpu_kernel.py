@@ -7,7 +7,7 @@ in place with a FlashAttention-style online softmax (the CUDA kernel's layout: t
 token are the rows of a tile), in fp32, and returns (out, lse) exactly like blocksparse_forward.
 
 It is a small C++ source compiled on first use with the system C++ compiler into
-~/.cache/minicpm4/ (keyed by a hash of source, flags and CPU flags) and loaded with ctypes: no
+~/.cache/minicpm4/ (keyed by a hash of source, flags and CPU flags; ../cpp_build.py) and loaded with ctypes: no
 PyTorch headers, so it builds in ~2 s. Threads: the token range is split over torch.get_num_threads()
 Python threads (ctypes releases the GIL). When no compiler is found or the build fails, `available()`
 is False and callers use the PyTorch path; tests compare both against the reference.
@@ -16,17 +16,12 @@ is False and callers use the PyTorch path; tests compare both against the refere
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import torch
+
+from minicpm4.attention import cpp_build
 
 _SOURCE = r"""
 #include <cstdint>
@@ -250,44 +245,15 @@ extern "C" void infllmv2_stage2_fwd_rows(const float* q, const void* k, const vo
 }
 """
 
-_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC"]
+_FLAGS = cpp_build.FLAGS
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
 
 
-def _cpu_signature() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _build() -> ctypes.CDLL | None:
-    if os.environ.get("MINICPM4_NO_CPU_KERNEL"):
-        return None
-    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++") or shutil.which("clang++")
-    if cxx is None or platform.machine().lower() not in ("x86_64", "amd64", "aarch64", "arm64"):
-        return None
-    key = hashlib.sha256("\n".join([_SOURCE, " ".join(_FLAGS), cxx, _cpu_signature()]).encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "minicpm4"
-    so = cache / f"infllmv2_stage2_{key}.so"
-    if not so.exists():
-        try:
-            cache.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=cache) as tmp:
-                src, tmp_so = Path(tmp) / "k.cpp", Path(tmp) / "k.so"
-                src.write_text(_SOURCE)
-                subprocess.run([cxx, *_FLAGS, str(src), "-o", str(tmp_so)], check=True, capture_output=True, timeout=300)
-                os.replace(tmp_so, so)  # atomic: concurrent builders never load a half-written file
-        except (OSError, subprocess.SubprocessError):
-            return None
-    try:
-        lib = ctypes.CDLL(str(so))
-    except OSError:
+    lib = cpp_build.build_library("infllmv2_stage2", _SOURCE, _FLAGS)
+    if lib is None:
         return None
     fn = lib.infllmv2_stage2_fwd
     fn.restype = None

@@ -62,34 +62,47 @@ def kernel_range_of_block(block: int, num_kernels: int, s: InfLLMv2Settings) -> 
     return lo, hi
 
 
+def _kernel_logits(qs: torch.Tensor, c: torch.Tensor, m: int, G: int) -> torch.Tensor:
+    """qs [Hkv, G*T, D] pre-scaled queries; c [Hkv, n, D] shared by all queries, or [Hkv, T, n, D] one set per
+    query (the engine's batched decode rows, each of its own sequence) -> logits of the first m kernels [Hkv, G, T, m]."""
+    Hkv, GT, D = qs.shape
+    T = GT // G
+    if c.dim() == 3:
+        return torch.matmul(qs, c[:, :m].float().transpose(1, 2)).view(Hkv, G, T, m)
+    q4 = qs.view(Hkv, G, T, D).transpose(1, 2)  # [Hkv, T, G, D]: per query the same [G, D] x [D, m] product
+    return torch.matmul(q4, c[:, :, :m].float().transpose(2, 3)).transpose(1, 2).contiguous()
+
+
 def group_kernel_scores(q: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor | None, positions: torch.Tensor,
                         s: InfLLMv2Settings) -> torch.Tensor:
     """Stage-1 scores summed over each KV group: q [Hq, T, D], c1 [Hkv, n1, D] -> S [Hkv, T, n] fp32.
 
+    c1 / c2 may also be per query, [Hkv, T, n, D] (padded beyond each query's visible kernels; the
+    padding is masked like any invisible kernel).
     Only the first n = max visible count of these queries are returned: later kernels are invisible to
     every query here, so their S is 0 and they cannot raise a (max-pooled) block score.
     One exp pass: e = exp(x - rowmax) gives both the exact normaliser l = sum(e) and p = e / l.
     """
     Hq, T, D = q.shape
-    Hkv, n1, _ = c1.shape
+    Hkv, n1 = c1.shape[0], c1.shape[-2]
     G = Hq // Hkv
     vis1 = visible_kernels(positions, s.kernel_size, s.kernel_stride, n1)  # [T]
     n = int(vis1.max()) if T else 0
     if n == 0:
         return q.new_zeros(Hkv, T, 0, dtype=torch.float32)
     qs = q.float().reshape(Hkv, G * T, D) * (1.0 / math.sqrt(D))  # heads of group h are h*G .. h*G + G - 1
-    x = torch.matmul(qs, c1[:, :n].float().transpose(1, 2)).view(Hkv, G, T, n)  # [Hkv, G, T, n]
+    x = _kernel_logits(qs, c1, n, G)  # [Hkv, G, T, n]
     lo = int(vis1.min())  # columns >= lo are hidden from some query of this chunk: mask only that ragged strip
     if lo < n:
         strip = x[..., lo:]
         strip.masked_fill_(torch.arange(lo, n, device=q.device)[None, :] >= vis1[:, None], float("-inf"))
-    coarse = s.lse == "coarse" and c2 is not None and c2.shape[1] > 0
+    coarse = s.lse == "coarse" and c2 is not None and c2.shape[-2] > 0
     if coarse:
-        n2 = c2.shape[1]
+        n2 = c2.shape[-2]
         vis2 = visible_kernels(positions, s.coarse_kernel_size, s.coarse_kernel_stride, n2)
         m = int(vis2.max())
     if coarse and m > 0:
-        x2 = torch.matmul(qs, c2[:, :m].float().transpose(1, 2)).view(Hkv, G, T, m)
+        x2 = _kernel_logits(qs, c2, m, G)
         x2.masked_fill_(torch.arange(m, device=q.device)[None, :] >= vis2[:, None], float("-inf"))
         lse = x2.logsumexp(-1)  # [Hkv, G, T]
         # A query that sees C1 kernels but no C2 kernel yet (pos < 4p - 1) keeps the exact normaliser:
@@ -155,11 +168,16 @@ def select_blocks(q: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor | None, po
     """q [Hq, T, D] (selection queries), c1 [Hkv, n1, D], c2 [Hkv, n2, D] or None, positions [T] absolute,
     num_keys = L -> block ids [Hkv, T, K] int64, K = min(topk, ceil(L / B)), valid ids ascending then -1.
 
+    c1 / c2 may be per query instead, [Hkv, T, n, D]: queries of different sequences in one call (the
+    engine's decode rows, attention/infllmv2/paged.py); num_keys is then the longest sequence. That gives
+    each query the block SET it gets alone: blocks past its own are dropped (-1) whatever num_keys is.
+
     Chunked over queries so [Hq, chunk, n1] stays small; the group sum, pooling and top-k run per chunk.
     timings: if given, seconds are added under "scores" (scores, normaliser, group sum, pooling) and "topk".
     """
     Hq, T, D = q.shape
-    Hkv, n1, _ = c1.shape
+    per_query = c1.dim() == 4
+    Hkv, n1 = c1.shape[0], c1.shape[-2]
     if Hq % Hkv:
         raise ValueError(f"query heads ({Hq}) must be a multiple of KV heads ({Hkv})")
     if settings.lse == "coarse" and c2 is None:
@@ -173,7 +191,9 @@ def select_blocks(q: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor | None, po
     for t0 in range(0, T, chunk):
         pos = positions[t0:t0 + chunk]
         t_a = clock() if clock else 0.0
-        pooled = pool_block_scores(group_kernel_scores(q[:, t0:t0 + chunk], c1, c2, pos, settings), nb, settings)
+        c1c = c1[:, t0:t0 + chunk] if per_query else c1
+        c2c = c2[:, t0:t0 + chunk] if per_query and c2 is not None else c2
+        pooled = pool_block_scores(group_kernel_scores(q[:, t0:t0 + chunk], c1c, c2c, pos, settings), nb, settings)
         t_b = clock() if clock else 0.0
         out[:, t0:t0 + chunk] = force_and_topk(pooled, pos, settings)
         if clock:

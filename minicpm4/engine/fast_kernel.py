@@ -1,0 +1,559 @@
+"""C++ kernels behind FastDecoder's small-batch path (decode, few-token chunks): GEMV against nn.Linear weights, and
+the elementwise ops of a layer fused around them, two calls per layer.
+
+Why (measured on the 2-core AVX-512 dev box, benchmarks/decode_step.py): a one-token F.linear against the
+73,448 x 1,024 bf16 LM head ran at 9-25 GB/s, small-M oneDNN/MKL calls straggle for whole scheduler time slices
+when the other core is busy (4-16 ms for a 1,024-row GEMV), and a layer's ~35 eager elementwise ops cost
+~2.4 us each. Here:
+  * linear: y = x W^T with x [M, K] (M <= max_tokens), W [N, K] untouched (no prepacking, no copy): a tile of
+    R weight rows x MG token rows accumulates fp32 dot products (AVX512-BF16 `vdpbf16ps` for bf16, FMA for fp32).
+  * a thread pool whose chunks can be stolen back: a descheduled worker never makes a call wait (see the C++).
+  * RMSNorm, RoPE + q/k/v split, SwiGLU, the muP residuals: vectorised, in model.py's rounding order (fp32 math,
+    a cast where the PyTorch code casts), so bf16 results match the plain path up to summation order.
+Built on first use by attention/cpp_build.py (-march=native, cached in ~/.cache/minicpm4); no AVX-512, no
+compiler or MINICPM4_NO_CPU_KERNEL set -> `library()` is None and FastDecoder runs its PyTorch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+
+import torch
+
+from minicpm4.attention import cpp_build
+
+_SOURCE = r"""
+// Decode-sized CPU kernels for FastDecoder: GEMV/skinny GEMM against nn.Linear-layout weights, RMSNorm, RoPE,
+// SwiGLU and muP residuals, fused into two calls per layer. Elementwise math follows model.py's rounding order.
+#ifndef __AVX512F__
+#error "FastDecoder kernel needs AVX-512 (the PyTorch path runs elsewhere)"
+#endif
+#include <immintrin.h>
+#include <sched.h>
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#define UNR _Pragma("GCC unroll 8")
+typedef uint16_t bf16;
+
+static inline float bf2f(bf16 x) { uint32_t u = uint32_t(x) << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline bf16 f2bf(float f) { uint32_t u; memcpy(&u, &f, 4); u += 0x7fff + ((u >> 16) & 1); return bf16(u >> 16); }
+static inline float rbf(float f) { return bf2f(f2bf(f)); }  // round through bf16 (round to nearest even)
+
+// ---- y[M, n0:n1] = x[M, K] . W[n0:n1, K]^T into acc [M][n1 - n0] fp32; W in nn.Linear layout -----------------------
+#ifdef __AVX512BF16__
+static inline __m512 dot_bf(__m512 a, __m512i x, __m512i w) { return _mm512_dpbf16_ps(a, (__m512bh)x, (__m512bh)w); }
+#else  // AVX-512F without bf16 dot products: widen both halves and FMA (same fp32 products, another summation order)
+static inline __m512 dot_bf(__m512 a, __m512i x, __m512i w) {
+    const __m512 xl = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16)), wl = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+    const __m512i hi = _mm512_set1_epi32((int)0xffff0000);
+    const __m512 xh = _mm512_castsi512_ps(_mm512_and_si512(x, hi)), wh = _mm512_castsi512_ps(_mm512_and_si512(w, hi));
+    return _mm512_fmadd_ps(xh, wh, _mm512_fmadd_ps(xl, wl, a));
+}
+#endif
+
+template <int R, int MG>
+static inline void tile_bf16(const bf16* x, const bf16* w, int64_t K, float* acc, int64_t lda) {
+    __m512 a[MG][R];
+    UNR for (int m = 0; m < MG; ++m) UNR for (int r = 0; r < R; ++r) a[m][r] = _mm512_setzero_ps();
+    auto step = [&](int64_t k, __mmask32 mk) __attribute__((always_inline)) {
+        __m512i wv[R];
+        UNR for (int r = 0; r < R; ++r) wv[r] = _mm512_maskz_loadu_epi16(mk, w + r * K + k);
+        UNR for (int m = 0; m < MG; ++m) {
+            const __m512i xv = _mm512_maskz_loadu_epi16(mk, x + m * K + k);
+            UNR for (int r = 0; r < R; ++r) a[m][r] = dot_bf(a[m][r], xv, wv[r]);
+        }
+    };
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) step(k, (__mmask32)~0u);
+    if (k < K) step(k, (__mmask32)((1u << (K - k)) - 1));
+    UNR for (int m = 0; m < MG; ++m) UNR for (int r = 0; r < R; ++r) acc[m * lda + r] = _mm512_reduce_add_ps(a[m][r]);
+}
+
+template <int R, int MG>
+static inline void tile_f32(const float* x, const float* w, int64_t K, float* acc, int64_t lda) {
+    __m512 a[MG][R];
+    UNR for (int m = 0; m < MG; ++m) UNR for (int r = 0; r < R; ++r) a[m][r] = _mm512_setzero_ps();
+    auto step = [&](int64_t k, __mmask16 mk) __attribute__((always_inline)) {
+        __m512 wv[R];
+        UNR for (int r = 0; r < R; ++r) wv[r] = _mm512_maskz_loadu_ps(mk, w + r * K + k);
+        UNR for (int m = 0; m < MG; ++m) {
+            const __m512 xv = _mm512_maskz_loadu_ps(mk, x + m * K + k);
+            UNR for (int r = 0; r < R; ++r) a[m][r] = _mm512_fmadd_ps(xv, wv[r], a[m][r]);
+        }
+    };
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) step(k, (__mmask16)0xffff);
+    if (k < K) step(k, (__mmask16)((1u << (K - k)) - 1));
+    UNR for (int m = 0; m < MG; ++m) UNR for (int r = 0; r < R; ++r) acc[m * lda + r] = _mm512_reduce_add_ps(a[m][r]);
+}
+
+template <typename T, template <int, int> class Tile>
+static void rows_kernel(const T* x, const T* w, int64_t M, int64_t K, int64_t n0, int64_t n1, float* acc) {
+    const int64_t lda = n1 - n0;
+    int64_t n = n0;
+    if (M == 1)
+        for (; n + 8 <= n1; n += 8) Tile<8, 1>::run(x, w + n * K, K, acc + (n - n0), lda);
+    for (; n + 4 <= n1; n += 4) {
+        const T* wn = w + n * K;
+        float* an = acc + (n - n0);
+        int64_t m = 0;
+        for (; m + 6 <= M; m += 6) Tile<4, 6>::run(x + m * K, wn, K, an + m * lda, lda);
+        switch (M - m) {
+            case 5: Tile<4, 5>::run(x + m * K, wn, K, an + m * lda, lda); break;
+            case 4: Tile<4, 4>::run(x + m * K, wn, K, an + m * lda, lda); break;
+            case 3: Tile<4, 3>::run(x + m * K, wn, K, an + m * lda, lda); break;
+            case 2: Tile<4, 2>::run(x + m * K, wn, K, an + m * lda, lda); break;
+            case 1: Tile<4, 1>::run(x + m * K, wn, K, an + m * lda, lda); break;
+        }
+    }
+    for (; n < n1; ++n)
+        for (int64_t m = 0; m < M; ++m) Tile<1, 1>::run(x + m * K, w + n * K, K, acc + m * lda + (n - n0), lda);
+}
+template <int R, int MG> struct TileBF { static void run(const bf16* x, const bf16* w, int64_t K, float* a, int64_t l) { tile_bf16<R, MG>(x, w, K, a, l); } };
+template <int R, int MG> struct TileF { static void run(const float* x, const float* w, int64_t K, float* a, int64_t l) { tile_f32<R, MG>(x, w, K, a, l); } };
+
+// out_mode: 0 fp32, 1 bf16, 2 fp32 holding the bf16-rounded value (model.logits in bf16: F.linear(...).float())
+struct Lin { const void* x; const void* w; void* y; int64_t M, N, K, ldy, rows, wbf16, out_mode; };
+
+static void lin_compute(const Lin& a, int64_t c, float* acc) {
+    const int64_t n0 = c * a.rows, n1 = std::min(a.N, n0 + a.rows);
+    if (a.wbf16) rows_kernel<bf16, TileBF>((const bf16*)a.x, (const bf16*)a.w, a.M, a.K, n0, n1, acc);
+    else rows_kernel<float, TileF>((const float*)a.x, (const float*)a.w, a.M, a.K, n0, n1, acc);
+}
+static void lin_commit(const Lin& a, int64_t c, const float* acc) {
+    const int64_t n0 = c * a.rows, nr = std::min(a.N, n0 + a.rows) - n0;
+    for (int64_t m = 0; m < a.M; ++m) {
+        const float* s = acc + m * nr;
+        if (a.out_mode == 1) { bf16* y = (bf16*)a.y + m * a.ldy + n0; for (int64_t r = 0; r < nr; ++r) y[r] = f2bf(s[r]); }
+        else if (a.out_mode == 2) { float* y = (float*)a.y + m * a.ldy + n0; for (int64_t r = 0; r < nr; ++r) y[r] = rbf(s[r]); }
+        else memcpy((float*)a.y + m * a.ldy + n0, s, nr * sizeof(float));
+    }
+}
+
+// ---- the thread pool ----------------------------------------------------------------------------------------------
+// Row chunks are claimed by CAS on one word (generation << 32 | next chunk). Each chunk's result goes to a private
+// buffer and is committed by CAS on a per-chunk word tagged with the job's generation. When a worker sits on a chunk
+// (descheduled: the box is shared, or the other core is busy), the caller steals it after a grace of a few of its own
+// chunk times and computes it itself; the worker's late commit then fails and is dropped. So a job never waits on a
+// straggler for a scheduler time slice (measured: 4-8 ms for a 16 MB GEMV under OpenMP's static split), and two
+// threads are never slower than one. Workers only read job memory the pool owns (staged inputs, weights).
+static constexpr int64_t MAXCH = 1 << 14, RING = 16, MAXACC = 64 * 64;
+static std::atomic<uint64_t> g_claim{0};
+static std::atomic<uint64_t> g_chunk[MAXCH];  // generation << 2 | state (1 committing, 2 done, 3 stolen)
+static std::atomic<int64_t> g_done{0}, g_inflight{0};
+static std::atomic<int32_t> g_sleepers{0};
+static std::atomic<uint32_t> g_wake{0};  // futex word: the newest job's generation
+static Lin g_ring[RING];
+static int64_t g_nch[RING];
+static std::atomic<int64_t> g_spin_ns{100000};
+static int g_nworkers = 0;
+static uint32_t g_gen = 0;  // caller side, under g_caller (one pool job at a time)
+static std::mutex g_caller;
+static std::atomic<int64_t> g_stolen{0};
+
+static long futex(std::atomic<uint32_t>* a, int op, uint32_t v) { return syscall(SYS_futex, (uint32_t*)a, op, v, nullptr, nullptr, 0); }
+static inline int64_t now_ns() { return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
+
+static void commit(const Lin& a, uint64_t gen, int64_t c, const float* acc) {
+    std::atomic<uint64_t>& w = g_chunk[c];
+    uint64_t v = w.load(std::memory_order_acquire);
+    if ((v >> 2) >= gen || !w.compare_exchange_strong(v, gen << 2 | 1, std::memory_order_acq_rel)) return;
+    lin_commit(a, c, acc);
+    w.store(gen << 2 | 2, std::memory_order_release);
+    g_done.fetch_add(1, std::memory_order_acq_rel);
+}
+
+static int64_t run_chunks(uint32_t gen, int64_t* ns_used) {
+    alignas(64) float acc[MAXACC];
+    int64_t ran = 0;
+    for (;;) {
+        uint64_t s = g_claim.load(std::memory_order_acquire);
+        if ((uint32_t)(s >> 32) != gen) return ran;
+        const Lin a = g_ring[gen % RING];  // consistent when the claim below succeeds: the slot is rewritten only
+        const int64_t n = g_nch[gen % RING];  // after this job is over, and then the claim word has moved on
+        const int64_t idx = (int64_t)(uint32_t)s;
+        if (idx >= n) return ran;
+        if (!g_claim.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel)) continue;
+        const int64_t t0 = ns_used ? now_ns() : 0;
+        lin_compute(a, idx, acc);
+        commit(a, gen, idx, acc);
+        if (ns_used) *ns_used += now_ns() - t0;
+        ++ran;
+    }
+}
+
+static void worker_main() {
+    uint32_t seen = g_wake.load();
+    for (;;) {
+        uint32_t cur;
+        const int64_t t0 = now_ns();
+        int64_t i = 0;
+        while ((cur = g_wake.load(std::memory_order_acquire)) == seen) {  // spin, then yield, then sleep
+            if (++i < 1000) { _mm_pause(); continue; }
+            if (now_ns() - t0 > g_spin_ns.load(std::memory_order_relaxed)) break;
+            sched_yield();
+        }
+        if (cur == seen) {
+            g_sleepers.fetch_add(1);
+            while ((cur = g_wake.load(std::memory_order_acquire)) == seen) futex(&g_wake, FUTEX_WAIT_PRIVATE, seen);
+            g_sleepers.fetch_sub(1);
+        }
+        seen = cur;
+        g_inflight.fetch_add(1);
+        run_chunks(cur, nullptr);
+        g_inflight.fetch_sub(1);
+    }
+}
+
+extern "C" int64_t ff_pool_start(int64_t nthreads, int64_t spin_ns) {
+    g_spin_ns.store(spin_ns);
+    for (; g_nworkers < nthreads - 1; ++g_nworkers) std::thread(worker_main).detach();
+    return g_nworkers;
+}
+extern "C" void ff_pool_quiesce() { while (g_inflight.load() > 0) sched_yield(); }  // before weights are freed
+extern "C" int64_t ff_stolen() { return g_stolen.load(); }
+
+// threads: 0 = caller only, else the pool
+static void linear(const Lin& a0, int64_t threads) {
+    Lin a = a0;
+    a.rows = std::max<int64_t>(a.rows, (a.N + MAXCH - 1) / MAXCH);
+    a.rows = std::max<int64_t>(1, std::min(a.rows, MAXACC / a.M));
+    const int64_t n = (a.N + a.rows - 1) / a.rows;
+    alignas(64) float acc[MAXACC];
+    if (!threads || g_nworkers == 0 || n == 1) {
+        for (int64_t c = 0; c < n; ++c) { lin_compute(a, c, acc); lin_commit(a, c, acc); }
+        return;
+    }
+    std::lock_guard<std::mutex> lock(g_caller);
+    const uint32_t gen = ++g_gen;
+    g_ring[gen % RING] = a;
+    g_nch[gen % RING] = n;
+    g_done.store(0, std::memory_order_relaxed);
+    g_claim.store((uint64_t)gen << 32, std::memory_order_release);
+    g_wake.store(gen, std::memory_order_release);
+    if (g_sleepers.load(std::memory_order_acquire) > 0) futex(&g_wake, FUTEX_WAKE_PRIVATE, INT32_MAX);
+    int64_t ns = 0;
+    const int64_t ran = run_chunks(gen, &ns);
+    const int64_t grace = 3 * ns / std::max<int64_t>(ran, 1) + 5000, t0 = now_ns();
+    while (g_done.load(std::memory_order_acquire) < n) {
+        if (now_ns() - t0 < grace) { _mm_pause(); continue; }
+        for (int64_t c = 0; c < n; ++c) {  // steal what a worker still holds
+            std::atomic<uint64_t>& w = g_chunk[c];
+            uint64_t v = w.load(std::memory_order_acquire);
+            if ((v >> 2) >= gen || !w.compare_exchange_strong(v, (uint64_t)gen << 2 | 3, std::memory_order_acq_rel)) continue;
+            lin_compute(a, c, acc);
+            lin_commit(a, c, acc);
+            w.store((uint64_t)gen << 2 | 2, std::memory_order_release);
+            g_done.fetch_add(1, std::memory_order_acq_rel);
+            g_stolen.fetch_add(1, std::memory_order_relaxed);
+        }
+        while (g_done.load(std::memory_order_acquire) < n) _mm_pause();  // a commit in progress
+    }
+}
+
+// ---- elementwise, in model.py's rounding order (compiled with -ffp-contract=off: no fused multiply-adds here) ----
+static inline __mmask16 tail16(int64_t n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1); }
+static inline __m512 ld16(const float* p, __mmask16 k) { return _mm512_maskz_loadu_ps(k, p); }
+static inline __m512 ld16(const bf16* p, __mmask16 k) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(k, p)), 16));
+}
+static inline __m512i rne_bits(__m512 v) {  // fp32 bits rounded to nearest even at bit 16 (finite inputs)
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    return _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+}
+static inline __m512 rbf16(__m512 v) { return _mm512_castsi512_ps(_mm512_and_si512(rne_bits(v), _mm512_set1_epi32((int)0xffff0000))); }
+static inline void st16(float* p, __m512 v, __mmask16 k) { _mm512_mask_storeu_ps(p, k, v); }
+static inline void st16(bf16* p, __m512 v, __mmask16 k) {
+    _mm256_mask_storeu_epi16(p, k, _mm512_cvtepi32_epi16(_mm512_srli_epi32(rne_bits(v), 16)));
+}
+template <typename T> static inline __m512 round_as(__m512 v) { return sizeof(T) == 2 ? rbf16(v) : v; }
+
+// RMSNorm: y = w * to_dtype(x * rsqrt(mean(x^2) + eps)), x [M, H]
+template <typename T>
+static void rmsnorm(const T* x, const T* w, T* y, int64_t M, int64_t H, float eps) {
+    for (int64_t m = 0; m < M; ++m) {
+        const T* xm = x + m * H;
+        __m512 s = _mm512_setzero_ps();
+        for (int64_t i = 0; i < H; i += 16) { const __m512 v = ld16(xm + i, tail16(H - i)); s = _mm512_fmadd_ps(v, v, s); }
+        const __m512 r = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(s) / float(H) + eps));
+        for (int64_t i = 0; i < H; i += 16) {
+            const __mmask16 k = tail16(H - i);
+            const __m512 n = round_as<T>(_mm512_mul_ps(ld16(xm + i, k), r));
+            st16(y + m * H + i, _mm512_mul_ps(ld16(w + i, k), n), k);
+        }
+    }
+}
+
+// h = h + to_dtype(o * rs) over n values (two roundings, as `h + branch * residual_scale`)
+template <typename T>
+static void residual(T* h, const T* o, int64_t n, float rs) {
+    const __m512 s = _mm512_set1_ps(rs);
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 k = tail16(n - i);
+        st16(h + i, _mm512_add_ps(ld16(h + i, k), round_as<T>(_mm512_mul_ps(ld16(o + i, k), s))), k);
+    }
+}
+
+// exp (|rel err| ~2e-7): 2^n * e^f, f in [-ln2/2, ln2/2], degree-7 Taylor; inputs clamped to [-87, 88].
+static inline __m512 vexp(__m512 x) {
+    x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.0f)), _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x));
+    __m512 p = _mm512_set1_ps(1.0f / 5040);
+    const float c[] = {1.0f / 720, 1.0f / 120, 1.0f / 24, 1.0f / 6, 0.5f, 1.0f, 1.0f};
+    for (float ci : c) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(ci));
+    return _mm512_scalef_ps(p, n);
+}
+
+// act = to_dtype(silu(g)) * u (gu [M, 2I] = gate | up; F.silu(gate) * up)
+template <typename T>
+static void silu_mul(const T* gu, T* act, int64_t M, int64_t I) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (int64_t m = 0; m < M; ++m) {
+        const T* g = gu + m * 2 * I; const T* u = g + I; T* o = act + m * I;
+        for (int64_t i = 0; i < I; i += 16) {
+            const __mmask16 k = tail16(I - i);
+            const __m512 x = ld16(g + i, k);
+            const __m512 s = round_as<T>(_mm512_div_ps(x, _mm512_add_ps(one, vexp(_mm512_sub_ps(_mm512_setzero_ps(), x)))));
+            st16(o + i, _mm512_mul_ps(s, ld16(u + i, k)), k);
+        }
+    }
+}
+
+// qkv [N, (Hq + 2 Hkv) D] -> q [N, Hq, D], k [N, Hkv, D] rotated (rotate-half in fp32, cast back), v [N, Hkv, D].
+// cos/sin [L, D] fp32 tables (LongRoPE attention scaling included), positions [N] int64.
+template <typename T>
+static void rope_split(const T* qkv, const float* cos, const float* sin, const int64_t* pos, T* q, T* k, T* v,
+                       int64_t N, int64_t Hq, int64_t Hkv, int64_t D) {
+    const int64_t W = (Hq + 2 * Hkv) * D, h2 = D / 2;
+    for (int64_t t = 0; t < N; ++t) {
+        const float* c = cos + pos[t] * D; const float* s = sin + pos[t] * D;
+        for (int64_t h = 0; h < Hq + Hkv; ++h) {
+            const T* x = qkv + t * W + h * D;
+            T* o = h < Hq ? q + (t * Hq + h) * D : k + (t * Hkv + h - Hq) * D;
+            for (int64_t i = 0; i < h2; i += 16) {  // x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]
+                const __mmask16 km = tail16(h2 - i);
+                const __m512 x1 = ld16(x + i, km), x2 = ld16(x + h2 + i, km);
+                st16(o + i, _mm512_sub_ps(_mm512_mul_ps(x1, ld16(c + i, km)), _mm512_mul_ps(x2, ld16(s + i, km))), km);
+                st16(o + h2 + i, _mm512_add_ps(_mm512_mul_ps(x2, ld16(c + h2 + i, km)), _mm512_mul_ps(x1, ld16(s + h2 + i, km))), km);
+            }
+        }
+        memcpy(v + t * Hkv * D, qkv + t * W + (Hq + Hkv) * D, Hkv * D * sizeof(T));
+    }
+}
+
+// ---- a model: weights by reference, scratch owned here (never freed: a descheduled worker may still read it) -------
+struct LayerW { const void *in_norm, *qkv, *o, *post_norm, *gate_up, *down; };
+struct Model {
+    int64_t H, I, Hq, Hkv, D, wbf16, max_tokens, threads, rows_target;
+    float eps, rs;
+    const float *cos, *sin;
+    int64_t ctx;  // rows of the cos/sin tables
+    std::vector<LayerW> layers;
+    void *x, *qkv, *ob, *ob2, *gu, *act, *xin;
+    int64_t prof_on = 0, prof[6] = {0, 0, 0, 0, 0, 0};  // ns per op class (ff_profile)
+};
+// Op classes of the per-op profile: elementwise (norms, RoPE, SwiGLU, residuals, staging), qkv, o_proj, gate_up,
+// down, lm_head GEMVs. Timing costs ~20 ns a call and only runs while profiling is on.
+#define PROF(m, c, stmt) do { if ((m)->prof_on) { const int64_t t0_ = now_ns(); stmt; (m)->prof[c] += now_ns() - t0_; } else { stmt; } } while (0)
+extern "C" void ff_profile(void* mp, int64_t on, int64_t* out) {  // out[6] <- counters (then reset)
+    Model* m = (Model*)mp;
+    if (out) for (int i = 0; i < 6; ++i) out[i] = m->prof[i];
+    for (int i = 0; i < 6; ++i) m->prof[i] = 0;
+    m->prof_on = on;
+}
+
+static void* scratch(int64_t bytes) { void* p = aligned_alloc(64, (bytes + 63) / 64 * 64); memset(p, 0, (bytes + 63) / 64 * 64); return p; }
+
+extern "C" void* ff_model_new(int64_t H, int64_t I, int64_t Hq, int64_t Hkv, int64_t D, int64_t wbf16, int64_t max_tokens,
+                              float eps, float rs, const float* cos, const float* sin, int64_t ctx, int64_t threads,
+                              int64_t rows_target) {
+    Model* m = new Model{H, I, Hq, Hkv, D, wbf16, max_tokens, threads, rows_target, eps, rs, cos, sin, ctx, {}, 0, 0, 0, 0, 0, 0, 0};
+    const int64_t e = wbf16 ? 2 : 4, T = max_tokens;
+    m->x = scratch(T * H * e); m->qkv = scratch(T * (Hq + 2 * Hkv) * D * e); m->ob = scratch(T * H * e);
+    m->ob2 = scratch(T * std::max(Hq * D, H) * e); m->gu = scratch(T * 2 * I * e); m->act = scratch(T * I * e);
+    m->xin = scratch(T * std::max(H, I) * 4);
+    return m;
+}
+// After ff_pool_quiesce no worker touches this model's scratch or weights: a late worker claims nothing.
+extern "C" void ff_model_free(void* mp) {
+    ff_pool_quiesce();
+    Model* m = (Model*)mp;
+    for (void* p : {m->x, m->qkv, m->ob, m->ob2, m->gu, m->act, m->xin}) free(p);
+    delete m;
+}
+extern "C" void ff_model_add_layer(void* mp, const void* in_norm, const void* qkv, const void* o, const void* post_norm,
+                                   const void* gate_up, const void* down) {
+    ((Model*)mp)->layers.push_back(LayerW{in_norm, qkv, o, post_norm, gate_up, down});
+}
+
+static int64_t rows_for(const Model* m, int64_t K) {  // output rows per chunk: ~rows_target KB of weights
+    const int64_t e = m->wbf16 ? 2 : 4;
+    return std::max<int64_t>(8, (m->rows_target * 1024 / (K * e)) / 8 * 8);
+}
+static void mlin(const Model* m, const void* x, const void* w, void* y, int64_t M, int64_t N, int64_t K, int64_t out_mode) {
+    linear(Lin{x, w, y, M, N, K, /*ldy*/ N, /*rows*/ rows_for(m, K), m->wbf16, out_mode}, m->threads > 1);
+}
+
+// Pre-attention: x = RMSNorm_in(h); qkv = x W_qkv^T; RoPE q/k; split. h [N, H]; q/k/v outputs.
+// Returns -1 (and writes nothing) when a position is outside the rotary table, else 0.
+extern "C" int64_t ff_attn_in(void* mp, int64_t layer, const void* h, int64_t N, const int64_t* pos, void* q, void* k, void* v) {
+    Model* m = (Model*)mp;
+    for (int64_t t = 0; t < N; ++t)
+        if (pos[t] < 0 || pos[t] >= m->ctx) return -1;
+    const LayerW& L = m->layers[layer];
+    const int64_t W = (m->Hq + 2 * m->Hkv) * m->D;
+    if (m->wbf16) {
+        PROF(m, 0, rmsnorm((const bf16*)h, (const bf16*)L.in_norm, (bf16*)m->x, N, m->H, m->eps));
+        PROF(m, 1, mlin(m, m->x, L.qkv, m->qkv, N, W, m->H, 1));
+        PROF(m, 0, rope_split((const bf16*)m->qkv, m->cos, m->sin, pos, (bf16*)q, (bf16*)k, (bf16*)v, N, m->Hq, m->Hkv, m->D));
+    } else {
+        PROF(m, 0, rmsnorm((const float*)h, (const float*)L.in_norm, (float*)m->x, N, m->H, m->eps));
+        PROF(m, 1, mlin(m, m->x, L.qkv, m->qkv, N, W, m->H, 0));
+        PROF(m, 0, rope_split((const float*)m->qkv, m->cos, m->sin, pos, (float*)q, (float*)k, (float*)v, N, m->Hq, m->Hkv, m->D));
+    }
+    return 0;
+}
+
+// Post-attention: h += o_proj(o) * rs; h += down(silu(gate(x)) * up(x)) * rs with x = RMSNorm_post(h). h updated in place.
+template <typename T>
+static void attn_out_mlp(Model* m, const LayerW& L, T* h, const T* o, int64_t N) {
+    const int64_t HqD = m->Hq * m->D, H = m->H, I = m->I, om = sizeof(T) == 2 ? 1 : 0;
+    PROF(m, 0, memcpy(m->ob2, o, N * HqD * sizeof(T)));  // stage: workers only read pool-owned memory
+    PROF(m, 2, mlin(m, m->ob2, L.o, m->ob, N, H, HqD, om));
+    PROF(m, 0, residual(h, (const T*)m->ob, N * H, m->rs));
+    PROF(m, 0, rmsnorm((const T*)h, (const T*)L.post_norm, (T*)m->x, N, H, m->eps));
+    PROF(m, 3, mlin(m, m->x, L.gate_up, m->gu, N, 2 * I, H, om));
+    PROF(m, 0, silu_mul((const T*)m->gu, (T*)m->act, N, I));
+    PROF(m, 4, mlin(m, m->act, L.down, m->ob, N, H, I, om));
+    PROF(m, 0, residual(h, (const T*)m->ob, N * H, m->rs));
+}
+extern "C" void ff_attn_out_mlp(void* mp, int64_t layer, void* h, const void* o, int64_t N) {
+    Model* m = (Model*)mp;
+    if (m->wbf16) attn_out_mlp(m, m->layers[layer], (bf16*)h, (const bf16*)o, N);
+    else attn_out_mlp(m, m->layers[layer], (float*)h, (const float*)o, N);
+}
+
+extern "C" void ff_rmsnorm(void* mp, const void* x, const void* w, void* y, int64_t M) {
+    Model* m = (Model*)mp;
+    if (m->wbf16) rmsnorm((const bf16*)x, (const bf16*)w, (bf16*)y, M, m->H, m->eps);
+    else rmsnorm((const float*)x, (const float*)w, (float*)y, M, m->H, m->eps);
+}
+
+// Logits: y [M, V] fp32 = x [M, H] W^T (x already divided by the muP logit divisor), rounded through bf16 for bf16.
+extern "C" void ff_logits(void* mp, const void* x, const void* w, float* y, int64_t M, int64_t V) {
+    Model* m = (Model*)mp;
+    const int64_t e = m->wbf16 ? 2 : 4;
+    for (int64_t s = 0; s < M; s += m->max_tokens) {  // stage in blocks of max_tokens rows
+        const int64_t n = std::min(m->max_tokens, M - s);
+        memcpy(m->xin, (const char*)x + s * m->H * e, n * m->H * e);
+        PROF(m, 5, mlin(m, m->xin, w, y + s * V, n, V, m->H, m->wbf16 ? 2 : 0));
+    }
+}
+
+// Plain GEMV for benchmarks/tests: y [M, N] = x [M, K] W^T with x staged (M * K elements <= max_tokens * max(H, I)).
+extern "C" void ff_linear(void* mp, const void* x, const void* w, void* y, int64_t M, int64_t N, int64_t K, int64_t out_mode) {
+    Model* m = (Model*)mp;
+    memcpy(m->xin, x, M * K * (m->wbf16 ? 2 : 4));
+    mlin(m, m->xin, w, y, M, N, K, out_mode);
+}
+
+extern "C" int64_t ff_isa() {
+#ifdef __AVX512BF16__
+    return 2;
+#else
+    return 1;
+#endif
+}
+"""
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+_SIGNATURES = {
+    "ff_pool_start": ([_I, _I], _I),
+    "ff_pool_quiesce": ([], None),
+    "ff_stolen": ([], _I),
+    "ff_model_new": ([_I] * 7 + [_F, _F, _P, _P, _I, _I, _I], _P),
+    "ff_model_add_layer": ([_P] * 7, None),
+    "ff_model_free": ([_P], None),
+    "ff_attn_in": ([_P, _I, _P, _I, _P, _P, _P, _P], _I),
+    "ff_attn_out_mlp": ([_P, _I, _P, _P, _I], None),
+    "ff_rmsnorm": ([_P, _P, _P, _P, _I], None),
+    "ff_logits": ([_P, _P, _P, _P, _I, _I], None),
+    "ff_linear": ([_P, _P, _P, _P, _I, _I, _I, _I], None),
+    "ff_isa": ([], _I),
+    "ff_profile": ([_P, _I, _P], None),
+}
+# How long an idle pool worker spins (then sleeps on a futex) after a job: a decode step calls the pool every
+# ~20-100 us, so a worker that slept each time would pay a futex wake-up (~10-50 us) per GEMV.
+SPIN_NS = 200_000
+
+
+def library() -> ctypes.CDLL | None:
+    """The built kernel library, or None (no AVX-512 / no compiler / disabled)."""
+    global _lib, _tried
+    with _lock:
+        if not _tried:
+            _tried = True
+            lib = cpp_build.build_library("fast_forward", _SOURCE, cpp_build.FLAGS + ["-ffp-contract=off", "-pthread"])
+            if lib is not None:
+                for name, (args, res) in _SIGNATURES.items():
+                    fn = getattr(lib, name)
+                    fn.argtypes, fn.restype = args, res
+            _lib = lib
+    return _lib
+
+
+def has_bf16_dot() -> bool:
+    """True when the kernel was built with AVX512-BF16 dot products (else bf16 is widened to fp32 + FMA)."""
+    lib = library()
+    return lib is not None and lib.ff_isa() == 2
+
+
+class KernelModel:
+    """One decoder's weights (by pointer: the caller keeps the tensors alive) and the kernel's scratch buffers.
+
+    Not thread-safe: one call at a time (the engine's step loop). Scratch is sized for max_tokens rows.
+    """
+
+    def __init__(self, *, hidden: int, intermediate: int, heads: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, max_tokens: int, eps: float, residual_scale: float, cos: torch.Tensor,
+                 sin: torch.Tensor, layers: list[tuple[torch.Tensor, ...]], threads: int, chunk_kb: int = 64) -> None:
+        lib = library()
+        assert lib is not None, "the FastDecoder kernel is not built"
+        assert dtype in (torch.float32, torch.bfloat16), dtype
+        assert cos.dtype == sin.dtype == torch.float32 and cos.is_contiguous() and sin.is_contiguous()
+        self.lib, self.dtype, self.max_tokens, self.hidden = lib, dtype, max_tokens, hidden
+        self.cos, self.sin, self.layers = cos, sin, layers  # references: the kernel reads them in place
+        self.threads = threads
+        if threads > 1:
+            lib.ff_pool_start(threads, SPIN_NS)
+        self.handle = lib.ff_model_new(hidden, intermediate, heads, kv_heads, head_dim, int(dtype == torch.bfloat16),
+                                       max_tokens, eps, residual_scale, cos.data_ptr(), sin.data_ptr(), cos.shape[0],
+                                       threads, chunk_kb)
+        for ws in layers:
+            assert all(w.dtype == dtype and w.is_contiguous() for w in ws)
+            lib.ff_model_add_layer(self.handle, *(w.data_ptr() for w in ws))
+
+    def __del__(self) -> None:
+        # Waits for any pool worker still inside a chunk of this model, then frees the scratch: only then may
+        # the weight tensors this object references be released.
+        if getattr(self, "handle", None):
+            self.lib.ff_model_free(self.handle)
+            self.handle = None
