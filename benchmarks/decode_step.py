@@ -4,7 +4,11 @@ Model: a random MiniCPM4-0.5B-shaped model (preset "minicpm4-0.5b": 24 layers, h
 intermediate 4096, tied 73,448-token head; build_model(seed=0)), fp32 and bf16, --threads torch threads.
 A step decodes N tokens (N sequences, one token each, all at position --context) and produces their
 logits. Attention is the same in every path: the model's DenseAttention over a contiguous StaticKVCache
-(pre-filled with random keys), called through the model's backend seam or FastDecoder's `attend`.
+(pre-filled with random keys), called through the model's backend seam or FastDecoder's `attend`. That
+attention runs on --attend-threads torch threads (default 1): on the shared 2-core dev box a 2-thread OpenMP
+region inside these tiny ops waits for a scheduler slice whenever the other core is taken (measured at
+load ~6: 7 ms -> 146 ms of attention per step), which would drown every other class; --attend-threads 0
+runs it on --threads like the rest.
 
   reference    model(tokens[:, None], positions, kv_cache)  (minicpm4.generate.decode_one_token)
   fast_torch   FastDecoder(kernel=False): fused q|k|v and gate|up weights, F.linear, eager elementwise
@@ -43,7 +47,7 @@ from common import command_line, machine_info, median, write_results  # noqa: E4
 from minicpm4.attention.dense import DenseAttention  # noqa: E402
 from minicpm4.attention.metadata import AttentionMetadata  # noqa: E402
 from minicpm4.config import preset  # noqa: E402
-from minicpm4.engine import fast_kernel  # noqa: E402
+from minicpm4.engine import fast_forward, fast_kernel  # noqa: E402
 from minicpm4.engine.fast_forward import FastDecoder, _rmsnorm, _rope  # noqa: E402
 from minicpm4.kv_cache import StaticKVCache  # noqa: E402
 from minicpm4.model import apply_rope, build_model  # noqa: E402
@@ -71,9 +75,26 @@ def filled_cache(model, B: int, S: int) -> StaticKVCache:
     return cache
 
 
-def cache_attend(cache: StaticKVCache, pos: torch.Tensor):
+class ThreadedAttention:
+    """DenseAttention run on `threads` torch threads (then the previous count is restored; 0.1 us a switch)."""
+
+    needs_pre_rope = False
+
+    def __init__(self, threads: int) -> None:
+        self.threads, self.dense = threads, DenseAttention()
+
+    def __call__(self, *args, **kwargs):
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.threads or before)
+        try:
+            return self.dense(*args, **kwargs)
+        finally:
+            torch.set_num_threads(before)
+
+
+def cache_attend(cache: StaticKVCache, pos: torch.Tensor, threads: int):
     """FastDecoder's attend over the same StaticKVCache + DenseAttention the reference path uses."""
-    meta, dense = AttentionMetadata.for_cache(pos[:, None], cache), DenseAttention()
+    meta, dense = AttentionMetadata.for_cache(pos[:, None], cache), ThreadedAttention(threads)
 
     def attend(i, q, k, v):  # q [N, Hq, D] -> [N, Hq, 1, D]: one query per sequence
         return dense(i, q[:, :, None], k[:, :, None], v[:, :, None], meta)[:, :, 0]
@@ -183,8 +204,9 @@ def fast_kernel_profiled(fd: FastDecoder, tok, pos, attend, lap: Laps) -> torch.
 
 
 # ---- the profile ---------------------------------------------------------------------------------------------------
-def profile_decode(model, dtype_name: str, N: int, context: int, repeats: int) -> dict:
+def profile_decode(model, dtype_name: str, N: int, context: int, repeats: int, attend_threads: int) -> dict:
     S = context + 1
+    previous = model.set_attention_backend(ThreadedAttention(attend_threads))
     tok = torch.randint(3, model.config.vocab_size, (N,), generator=torch.Generator().manual_seed(N))
     pos = torch.full((N,), context)
     caches = {name: filled_cache(model, N, S) for name in ("reference", "fast_torch", "fast_kernel")}
@@ -193,14 +215,14 @@ def profile_decode(model, dtype_name: str, N: int, context: int, repeats: int) -
     def plain(name):
         if name == "reference":
             return lambda: model(tok[:, None], positions=pos[:, None], kv_cache=caches[name])[:, 0]
-        fd, att = fds[name], cache_attend(caches[name], pos)
+        fd, att = fds[name], cache_attend(caches[name], pos, attend_threads)
         return lambda: fd.logits(fd.hidden_states(tok, pos, att))
 
     def profiled(name, lap):
         if name == "reference":
             return reference_profiled(model, tok, pos, caches[name], lap)
         fn = fast_torch_profiled if name == "fast_torch" else fast_kernel_profiled
-        return fn(fds[name], tok, pos, cache_attend(caches[name], pos), lap)
+        return fn(fds[name], tok, pos, cache_attend(caches[name], pos, attend_threads), lap)
 
     names = list(caches)
     steps: dict[str, list[float]] = {n: [] for n in names}
@@ -225,8 +247,9 @@ def profile_decode(model, dtype_name: str, N: int, context: int, repeats: int) -
                 profiled(n, lap)
                 parts[n].append(dict(lap.t))
         stolen = fast_kernel.library().ff_stolen() - stolen0
-    result = {"dtype": dtype_name, "tokens": N, "context": context, "numerics": agree, "stolen_chunks": stolen,
-              "paths": {}}
+    model.set_attention_backend(previous)
+    result = {"dtype": dtype_name, "tokens": N, "context": context, "attend_threads": attend_threads or None,
+              "numerics": agree, "stolen_chunks": stolen, "paths": {}}
     for n in names:
         med = {c: median(p.get(c, 0.0) for p in parts[n]) * 1e3 for c in CLASSES}
         result["paths"][n] = {
@@ -316,7 +339,7 @@ def linear_variants(model, N: int, repeats: int) -> dict:
     return out
 
 
-def tokens_sweep(model, sizes: list[int], repeats: int) -> dict:
+def tokens_sweep(model, sizes: list[int], repeats: int, attend_threads: int) -> dict:
     """hidden_states + logits of the last token of an N-token chunk of one sequence, kernel vs PyTorch."""
     res = {}
     big = FastDecoder(model, 1024, kernel=True, max_kernel_tokens=max(sizes))
@@ -324,7 +347,7 @@ def tokens_sweep(model, sizes: list[int], repeats: int) -> dict:
     for N in sizes:
         tok = torch.randint(3, model.config.vocab_size, (N,))
         pos = torch.arange(N)
-        dense = DenseAttention()
+        dense = ThreadedAttention(attend_threads)
         meta = AttentionMetadata(positions=pos[None])
 
         def attend(i, q, k, v):
@@ -342,14 +365,16 @@ def tokens_sweep(model, sizes: list[int], repeats: int) -> dict:
     return res
 
 
-def compile_experiment(model, sizes: list[int], repeats: int) -> dict:
+def compile_experiment(model, sizes: list[int], repeats: int, attend_threads: int) -> dict:
     t = time.perf_counter()
-    comp = FastDecoder(model, 1024, kernel=False, compile=True)
+    comp = FastDecoder(model, 1024, kernel=False)
+    comp._attn_in = torch.compile(fast_forward._attn_in, dynamic=True)
+    comp._attn_out_mlp = torch.compile(fast_forward._attn_out_mlp, dynamic=True)
     plain = FastDecoder(model, 1024, kernel=False)
     res = {}
     for N in sizes:
         tok, pos = torch.randint(3, model.config.vocab_size, (N,)), torch.arange(N)
-        dense, meta = DenseAttention(), AttentionMetadata(positions=pos[None])
+        dense, meta = ThreadedAttention(attend_threads), AttentionMetadata(positions=pos[None])
 
         def attend(i, q, k, v):
             return dense(i, q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], meta)[0].transpose(0, 1)
@@ -388,6 +413,8 @@ def main() -> None:
     ap.add_argument("--tokens", nargs="+", type=int, default=[1, 16], help="tokens (sequences) per decode step")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--context", type=int, default=256, help="position of the decoded tokens (keys attended)")
+    ap.add_argument("--attend-threads", type=int, default=1,
+                    help="torch threads inside the (profiling) attention, every path alike; 0 = --threads")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--sweep", nargs="*", type=int, default=[1, 2, 4, 8, 16, 32, 64, 128, 512])
     ap.add_argument("--no-sweep", action="store_true", help="skip the side experiments")
@@ -404,7 +431,7 @@ def main() -> None:
         model = build_model(preset("minicpm4-0.5b"), dtype=DTYPES[name], seed=0).eval()
         print(f"{name}: model built in {time.perf_counter() - t:.0f} s", flush=True)
         for N in args.tokens:
-            r = profile_decode(model, name, N, args.context, args.repeats)
+            r = profile_decode(model, name, N, args.context, args.repeats, args.attend_threads)
             payload["decode"].append(r)
             print(table([r]), flush=True)
         if not args.no_sweep:
@@ -412,9 +439,9 @@ def main() -> None:
             side["lm_head_1_token"] = lm_head_variants(model, args.repeats)
             print("  lm head: " + ", ".join(f"{k} {v['ms_median']:.2f} ms" for k, v in side["lm_head_1_token"].items()))
             side["linear"] = {N: linear_variants(model, N, args.repeats) for N in (1, 16)}
-            side["tokens_sweep"] = tokens_sweep(model, args.sweep, max(3, args.repeats // 2))
+            side["tokens_sweep"] = tokens_sweep(model, args.sweep, max(3, args.repeats // 2), args.attend_threads)
             if args.compile:
-                side["compile"] = compile_experiment(model, [1, 16, 128, 512], max(3, args.repeats // 2))
+                side["compile"] = compile_experiment(model, [1, 16, 128, 512], max(3, args.repeats // 2), args.attend_threads)
         write_results(args.out, payload)
         del model
     print(f"\nwrote {write_results(args.out, payload)}")

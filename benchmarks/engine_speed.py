@@ -285,7 +285,7 @@ class LlamaCppRunner:
     """A llama.cpp model + context through the C API: batched prompt eval and multi-sequence decode."""
 
     def __init__(self, gguf: Path, dtype: str, threads: int, n_ctx: int, n_seq_max: int = 1,
-                 n_batch: int = 512, flash_attn: str = "off") -> None:
+                 n_batch: int = 512, flash_attn: str = "off", kv_unified: bool = False) -> None:
         ll = self.ll = import_llama_cpp()
         mparams = ll.llama_model_default_params()
         mparams.n_gpu_layers = 0
@@ -303,16 +303,17 @@ class LlamaCppRunner:
                                    "off": ll.LLAMA_FLASH_ATTN_TYPE_DISABLED}[flash_attn]
         cparams.type_k = cparams.type_v = kv_type
         cparams.no_perf = False
+        cparams.kv_unified = kv_unified  # one KV buffer shared by all sequences (llama.cpp default: one each)
         LLAMA_LOG.clear()
         self.ctx = ll.llama_init_from_model(self.model, cparams)
         if not self.ctx:
             ll.llama_model_free(self.model)
             raise _llama_failure(f"llama.cpp could not create a context for {gguf} ({dtype} KV cache)")
         self.n_vocab = ll.llama_vocab_n_tokens(ll.llama_model_get_vocab(self.model))
-        self.n_batch = n_batch
+        self.n_batch = min(n_batch, n_ctx)  # llama.cpp clamps it so (and aborts the process on a larger batch)
         self.batch = ll.llama_batch_init(n_batch, 0, 1)
         self.info = {"gguf": str(gguf), "kv_cache": dtype, "flash_attn": flash_attn, "n_ctx": n_ctx,
-                     "n_seq_max": n_seq_max, "n_batch": n_batch, "llama_cpp_python": ll.__version__,
+                     "n_seq_max": n_seq_max, "kv_unified": kv_unified, "n_batch": n_batch, "llama_cpp_python": ll.__version__,
                      "system_info": ll.llama_print_system_info().decode(errors="replace").strip(),
                      "context_log": [line.strip() for line in LLAMA_LOG
                                      if any(k in line for k in ("flash_attn", "Flash Attention", "n_ctx ", "type_k", "REPACK"))]}

@@ -149,7 +149,8 @@ class LlamaCppBatch:
             for r in self.runners.values():  # one context at a time: KV caches for 32 sequences add up
                 r.close()
             self.runners = {key: LlamaCppRunner(self.gguf, self.dtype, self.args.threads, n_ctx=n * per_seq, n_seq_max=n,
-                                                n_batch=n_batch, flash_attn=self.args.llamacpp_flash_attn)}
+                                                n_batch=n_batch, flash_attn=self.args.llamacpp_flash_attn,
+                                                kv_unified=self.args.llamacpp_kv_unified)}
         return self.runners[key]
 
     def run(self, prompts: list[list[int]], new_tokens: int) -> tuple[list[Request], float]:
@@ -293,7 +294,9 @@ def plot(cases: list[dict], path: Path, title: str) -> Path | None:
             label = f"{name}, {case['model']}, {case['dtype']}"
             ns = [r["concurrency"] for r in rows]
             all_ns.update(ns)
-            style = {"marker": "o", "linestyle": "-" if case["dtype"] == "bfloat16" else "--", "label": label}
+            style = {"color": {"engine": "C0", "reference": "C1", "llamacpp": "C2"}.get(name),
+                     "marker": "o" if case["model"] == "default" else "s",
+                     "linestyle": "-" if case["dtype"] == "bfloat16" else "--", "label": label}
             ax_tp.plot(ns, [r["total_decode_tok_s"] for r in rows], **style)
             ax_ttft.plot(ns, [r["ttft_p50_s"] for r in rows], **style)
     for ax, ylabel in ((ax_tp, "total decode tokens/s"), (ax_ttft, "time to first token, p50 (s)")):
@@ -326,6 +329,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=2, help="torch and llama.cpp threads")
     p.add_argument("--llamacpp-flash-attn", choices=["auto", "on", "off"], default="off",
                    help="llama.cpp flash attention (see engine_speed.py's docstring)")
+    p.add_argument("--llamacpp-kv-unified", action="store_true",
+                   help="one KV buffer for all llama.cpp sequences (llama-server's default) instead of one each")
     p.add_argument("--workdir", default=None, help="random 0.5B checkpoint and GGUF files (default: temp, removed)")
     p.add_argument("--out", default=str(RESULTS_DIR / "engine_throughput.json"))
     p.add_argument("--plot", default=None, help="PNG path (default: --out with .png)")

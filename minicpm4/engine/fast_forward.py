@@ -11,7 +11,8 @@ fp32, casts, then scales; RoPE rotates in fp32 and casts back. Two paths, same r
           gate|up GEMV + SwiGLU + down + residual. Weights read in place, work split over a thread pool that
           never waits on a descheduled thread. Also the LM head GEMV for up to max_kernel_tokens rows.
   torch   everything else (prefill chunks, other devices): fused weights through F.linear (oneDNN / MKL are
-          fast once there are enough rows), eager elementwise ops; optionally torch.compile'd (compile=True).
+          fast once there are enough rows), eager elementwise ops. torch.compile of its two per-layer functions
+          was measured and dropped: 0.85-1.08x at N = 1..512 (the matmuls dominate; 4-77 s to compile).
 
 Measured per-op profile and the ideas that did and did not pay: benchmarks/decode_step.py and
 benchmarks/results/decode_step.json.
@@ -33,10 +34,10 @@ from minicpm4.model import MiniCPMForCausalLM
 AttendFn = Callable[..., torch.Tensor]
 
 # Up to this many tokens per step the C++ path runs; above it, F.linear. Crossover measured with
-# benchmarks/decode_step.py on the 0.5B shapes (2 cores, AVX512-BF16; see its tokens_sweep): in bf16 oneDNN's
-# blocked GEMM draws level with the kernel's register tiles around 16-32 rows; MKL's fp32 GEMM loses to the
-# kernel up to 64 rows.
-KERNEL_MAX_TOKENS = {torch.bfloat16: 16, torch.float32: 64}
+# benchmarks/decode_step.py on the 0.5B shapes (2 cores, AVX512-BF16; its tokens_sweep): in bf16 oneDNN's blocked
+# GEMM draws level with the kernel's register tiles at 64 rows (99.8 vs 99.4 ms) and wins at 128 (187 vs 206);
+# MKL's fp32 GEMM still loses at 128 rows (684 vs 421 ms).
+KERNEL_MAX_TOKENS = {torch.bfloat16: 64, torch.float32: 128}
 
 
 @dataclass
@@ -85,13 +86,12 @@ class FastDecoder:
     model.hidden_states(context_len=...) does, and the cos/sin tables cover positions 0 .. context_len - 1.
     kernel: None = the C++ path when it is built and the model is fp32/bf16 on the CPU; True = require it;
     False = PyTorch only. max_kernel_tokens: steps (and logits calls) of at most this many tokens take the
-    kernel path (default KERNEL_MAX_TOKENS[dtype]). compile: torch.compile the PyTorch path's two per-layer functions (dynamic shapes);
-    never needed for correctness. threads: kernel threads (default torch.get_num_threads()).
+    kernel path (default KERNEL_MAX_TOKENS[dtype]). threads: kernel threads (default torch.get_num_threads()).
     Not thread-safe: one call at a time (the kernel owns per-decoder scratch buffers).
     """
 
     def __init__(self, model: MiniCPMForCausalLM, context_len: int, *, kernel: bool | None = None,
-                 max_kernel_tokens: int | None = None, compile: bool = False, threads: int | None = None) -> None:
+                 max_kernel_tokens: int | None = None, threads: int | None = None) -> None:
         cfg = model.config
         if context_len < 1:
             raise ValueError(f"context_len must be >= 1, got {context_len}")
@@ -119,10 +119,8 @@ class FastDecoder:
         self.pre_rope = cfg.sparse_config is not None and cfg.sparse_config.use_nope
         self.max_kernel_tokens = max_kernel_tokens if max_kernel_tokens is not None else \
             KERNEL_MAX_TOKENS.get(self.dtype, 16)
+        # The PyTorch path's per-layer functions (benchmarks/decode_step.py swaps in torch.compile'd ones).
         self._attn_in, self._attn_out_mlp = _attn_in, _attn_out_mlp
-        if compile:
-            self._attn_in = torch.compile(_attn_in, dynamic=True)
-            self._attn_out_mlp = torch.compile(_attn_out_mlp, dynamic=True)
         self.kernel = self._make_kernel(kernel, threads or torch.get_num_threads())
 
     def _make_kernel(self, want: bool | None, threads: int):

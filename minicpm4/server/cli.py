@@ -72,6 +72,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from minicpm4.engine import LLM, AsyncLLM
     from minicpm4.server.app import create_app
 
+    import torch
+
+    # Before the engine is built: its fast decode kernel sizes its thread pool from torch's setting then.
+    torch.set_num_threads(args.threads)
     pipe = load_pipeline(args)
     llm = LLM(model=pipe.model, tokenizer=pipe.tokenizer, kv_cache_tokens=args.kv_cache_tokens,
               max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting, max_model_len=args.max_model_len,
