@@ -16,7 +16,9 @@ import shlex
 import statistics
 import subprocess
 import sys
-from collections.abc import Iterable, Sequence
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -114,3 +116,27 @@ def fmt(value: float | None, digits: int = 1) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
     return f"{value:,.{digits}f}"
+
+
+@contextmanager
+def workdir_or_temp(workdir: str | None, prefix: str) -> Iterator[Path]:
+    """--workdir if given (created, kept: checkpoints and GGUF files are reused by the next run), else a
+    temporary folder removed afterwards."""
+    if workdir is not None:
+        path = Path(workdir)
+        path.mkdir(parents=True, exist_ok=True)
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        yield Path(tmp)
+
+
+def publish(result: dict, out: str | Path, draw=None, plot_path: str | Path | None = None) -> Path:
+    """Print result["table"], write the JSON to `out`, and draw(png_path) -> written path or None when given
+    (png_path: plot_path, else `out` with .png)."""
+    print()
+    print(result["table"])
+    path = write_results(out, result)
+    png = draw(Path(plot_path) if plot_path else path.with_suffix(".png")) if draw is not None else None
+    print(f"wrote {path}" + (f" and {png}" if png else ""))
+    return path

@@ -54,7 +54,6 @@ import ctypes
 import gc
 import shutil
 import sys
-import tempfile
 import time
 import traceback
 import warnings
@@ -66,7 +65,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, command_line, fmt, machine_info, median, write_results  # noqa: E402
+from common import RESULTS_DIR, command_line, fmt, machine_info, median, publish, workdir_or_temp  # noqa: E402
 
 from minicpm4.config import MiniCPMConfig  # noqa: E402
 
@@ -519,14 +518,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    tmp = None
-    if args.workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="engine-speed-")
-        workdir = Path(tmp.name)
-    else:
-        workdir = Path(args.workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
-    try:
+    with workdir_or_temp(args.workdir, "engine-speed-") as workdir:
         bw = copy_bandwidth()
         print(f"copy bandwidth ({args.threads} threads): {bw['bytes_per_s'] / 1e9:.1f} GB/s", flush=True)
         cases = []
@@ -534,9 +526,6 @@ def main(argv: list[str] | None = None) -> dict:
             for dtype in args.dtypes:
                 cases.append(bench_case(model_name, dtype, args, workdir, bw["bytes_per_s"]))
                 print(table(cases[-1:]), flush=True)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
 
     llama_version = None
     try:
@@ -553,10 +542,7 @@ def main(argv: list[str] | None = None) -> dict:
         "cases": cases,
         "table": table(cases),
     }
-    print()
-    print(result["table"])
-    out = write_results(args.out, result)
-    print(f"wrote {out}")
+    publish(result, args.out)
     return result
 
 

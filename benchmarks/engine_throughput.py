@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import gc
 import sys
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, command_line, fmt, machine_info, median, percentile, write_results  # noqa: E402
+from common import RESULTS_DIR, command_line, fmt, machine_info, median, percentile, publish, workdir_or_temp  # noqa: E402
 from engine_speed import (  # noqa: E402
     DTYPES, MODELS, LlamaCppRunner, Unavailable, gguf_file, import_engine, import_llama_cpp, make_prompt,
     parse_list, prepare_model, sampling_params,
@@ -337,22 +336,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    tmp = None
-    if args.workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="engine-throughput-")
-        workdir = Path(tmp.name)
-    else:
-        workdir = Path(args.workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
-    try:
+    with workdir_or_temp(args.workdir, "engine-throughput-") as workdir:
         cases = []
         for model_name in args.models:
             for dtype in args.dtypes:
                 cases.append(bench_case(model_name, dtype, args, workdir))
                 print(table(cases[-1:]), flush=True)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
 
     machine = machine_info(args.threads)
     llama_version = None
@@ -362,13 +351,8 @@ def main(argv: list[str] | None = None) -> dict:
         pass
     result = {"benchmark": "engine_throughput", "command": command_line(argv), "machine": machine,
               "llama_cpp_python": llama_version, "args": vars(args), "cases": cases, "table": table(cases)}
-    print()
-    print(result["table"])
-    out = write_results(args.out, result)
-    png = plot(cases, Path(args.plot) if args.plot else out.with_suffix(".png"),
-               f"{args.prompt_len}-token prompts, {args.new_tokens} new tokens each, greedy; {args.threads} threads, "
-               f"{machine['cpu']}")
-    print(f"wrote {out}" + (f" and {png}" if png else ""))
+    title = f"{args.prompt_len}-token prompts, {args.new_tokens} new tokens each, greedy; {args.threads} threads, {machine['cpu']}"
+    publish(result, args.out, lambda png: plot(cases, png, title), args.plot)
     return result
 
 

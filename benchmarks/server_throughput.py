@@ -61,7 +61,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -70,7 +69,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, command_line, fmt, machine_info, median, percentile, write_results  # noqa: E402
+from common import RESULTS_DIR, command_line, fmt, machine_info, median, percentile, publish, workdir_or_temp, write_results  # noqa: E402
 from engine_speed import MODELS, REPO, make_prompt, parse_list, prepare_model  # noqa: E402
 
 from minicpm4.config import MiniCPMConfig  # noqa: E402
@@ -547,34 +546,20 @@ def main(argv: list[str] | None = None) -> dict:
     if args.direct_child:
         return direct_child(args)
 
-    tmp = None
-    if args.workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="server-throughput-")
-        workdir = Path(tmp.name)
-    else:
-        workdir = Path(args.workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
-    try:
+    with workdir_or_temp(args.workdir, "server-throughput-") as workdir:
         cases = []
         for model_name in args.models:
             cases.append(bench_model(model_name, args, workdir))
             print(table(cases[-1:]), flush=True)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
 
     machine = machine_info()
     machine["threads"] = args.threads  # the --threads values compared (server and direct)
     machine["load_average"] = os.getloadavg()
     result = {"benchmark": "server_throughput", "command": command_line(argv), "machine": machine,
               "args": vars(args), "cases": cases, "table": table(cases)}
-    print()
-    print(result["table"])
-    out = write_results(args.out, result)
-    png = plot(cases, Path(args.plot) if args.plot else out.with_suffix(".png"),
-               f"{args.prompt_len}-token prompts, {args.max_tokens} tokens each, greedy, streaming /v1/completions\n"
-               f"{machine['cpu_count']} cores, {machine['cpu']}, load average {machine['load_average'][0]:.1f}")
-    print(f"wrote {out}" + (f" and {png}" if png else ""))
+    title = (f"{args.prompt_len}-token prompts, {args.max_tokens} tokens each, greedy, streaming /v1/completions\n"
+             f"{machine['cpu_count']} cores, {machine['cpu']}, load average {machine['load_average'][0]:.1f}")
+    publish(result, args.out, lambda png: plot(cases, png, title), args.plot)
     return result
 
 
