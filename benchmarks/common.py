@@ -19,6 +19,7 @@ import sys
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -140,3 +141,21 @@ def publish(result: dict, out: str | Path, draw=None, plot_path: str | Path | No
     png = draw(Path(plot_path) if plot_path else path.with_suffix(".png")) if draw is not None else None
     print(f"wrote {path}" + (f" and {png}" if png else ""))
     return path
+
+
+@dataclass
+class TimedRequest:
+    """One request's clock (time.perf_counter() seconds): when it was submitted, its first and last token."""
+
+    tokens: int
+    arrival: float
+    first_token: float
+    finished: float
+
+    @property
+    def ttft(self) -> float:
+        return self.first_token - self.arrival
+
+    @property
+    def per_token(self) -> float:
+        return (self.finished - self.first_token) / (self.tokens - 1) if self.tokens > 1 else float("nan")

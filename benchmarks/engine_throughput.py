@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, command_line, fmt, machine_info, median, percentile, publish, workdir_or_temp  # noqa: E402
+from common import RESULTS_DIR, command_line, fmt, machine_info, median, percentile, publish, TimedRequest, workdir_or_temp  # noqa: E402
 from engine_speed import (  # noqa: E402
     DTYPES, MODELS, LlamaCppRunner, Unavailable, gguf_file, import_engine, import_llama_cpp, make_prompt,
     parse_list, prepare_model, sampling_params,
@@ -54,20 +54,8 @@ WARMUP_PROMPT, WARMUP_NEW = 16, 4
 
 
 @dataclass
-class Request:
-    tokens: int
-    arrival: float
-    first_token: float
-    finished: float
+class Request(TimedRequest):
     cached_tokens: int = 0  # prompt tokens an engine served from its prefix cache (should stay 0 here)
-
-    @property
-    def ttft(self) -> float:
-        return self.first_token - self.arrival
-
-    @property
-    def per_token(self) -> float:
-        return (self.finished - self.first_token) / (self.tokens - 1) if self.tokens > 1 else float("nan")
 
 
 def summarise_run(reqs: list[Request], submitted: float) -> dict:

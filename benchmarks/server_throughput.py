@@ -69,7 +69,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, command_line, fmt, machine_info, median, percentile, publish, workdir_or_temp, write_results  # noqa: E402
+from common import RESULTS_DIR, command_line, fmt, machine_info, median, percentile, publish, TimedRequest, workdir_or_temp, write_results  # noqa: E402
 from engine_speed import MODELS, REPO, make_prompt, parse_list, prepare_model  # noqa: E402
 
 from minicpm4.config import MiniCPMConfig  # noqa: E402
@@ -83,21 +83,9 @@ SERVER_ENGINE_OPTIONS = {"kv_cache_tokens": 32768, "max_num_seqs": 64, "max_wait
 
 
 @dataclass
-class Req:
-    tokens: int
-    submitted: float
-    first_token: float
-    finished: float
+class Req(TimedRequest):  # arrival = when the client sent the request
     text: str = ""
     chunk_times: list[float] = field(default_factory=list)
-
-    @property
-    def ttft(self) -> float:
-        return self.first_token - self.submitted
-
-    @property
-    def per_token(self) -> float:
-        return (self.finished - self.first_token) / (self.tokens - 1) if self.tokens > 1 else float("nan")
 
 
 def summarise(reqs: list[Req], submitted: float) -> dict:
