@@ -159,3 +159,16 @@ class TimedRequest:
     @property
     def per_token(self) -> float:
         return (self.finished - self.first_token) / (self.tokens - 1) if self.tokens > 1 else float("nan")
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend, or None (with a note) when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot", file=sys.stderr)
+        return None
+    return plt

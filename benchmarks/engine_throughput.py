@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, command_line, fmt, machine_info, median, percentile, publish, TimedRequest, workdir_or_temp  # noqa: E402
+from common import RESULTS_DIR, command_line, fmt, machine_info, median, percentile, publish, pyplot, TimedRequest, workdir_or_temp  # noqa: E402
 from engine_speed import (  # noqa: E402
     DTYPES, MODELS, LlamaCppRunner, Unavailable, gguf_file, import_engine, import_llama_cpp, make_prompt,
     parse_list, prepare_model, sampling_params,
@@ -261,13 +261,8 @@ def _number(v) -> bool:
 
 
 def plot(cases: list[dict], path: Path, title: str) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return None
     from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
 

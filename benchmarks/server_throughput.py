@@ -69,7 +69,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, command_line, fmt, machine_info, median, percentile, publish, TimedRequest, workdir_or_temp, write_results  # noqa: E402
+from common import RESULTS_DIR, command_line, fmt, machine_info, median, percentile, publish, pyplot, TimedRequest, workdir_or_temp, write_results  # noqa: E402
 from engine_speed import MODELS, REPO, make_prompt, parse_list, prepare_model  # noqa: E402
 
 from minicpm4.config import MiniCPMConfig  # noqa: E402
@@ -468,14 +468,10 @@ def table(cases: list[dict]) -> str:
 
 
 def plot(cases: list[dict], path: Path, title: str) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot", file=sys.stderr)
+    plt = pyplot()
+    if plt is None:
         return None
+    from matplotlib.ticker import ScalarFormatter
     fig, axes = plt.subplots(1, len(cases), figsize=(5.5 * len(cases), 4.2), squeeze=False)
     for ax, case in zip(axes[0], cases):
         for i, threads in enumerate(dict.fromkeys(r["threads"] for r in case["rows"])):
@@ -489,7 +485,7 @@ def plot(cases: list[dict], path: Path, title: str) -> Path | None:
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xticks(sorted({r["concurrency"] for r in case["rows"]}))
-        ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.get_xaxis().set_major_formatter(ScalarFormatter())
         ax.set_xlabel("concurrent streaming clients")
         ax.set_ylabel("total generated tokens/s")
         ax.set_title(f"{case['model']} ({case['dtype_resolved'] or case['dtype']})", fontsize=9)
