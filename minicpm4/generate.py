@@ -82,8 +82,7 @@ def generate_tokens(model: MiniCPMForCausalLM, prompts: Sequence[Sequence[int]],
     if params.max_new_tokens == 0:
         return
     device = next(model.parameters()).device
-    stop_ids = set() if params.ignore_eos else set(
-        params.stop_token_ids if params.stop_token_ids is not None else model.config.eos_token_ids)
+    stop_ids = params.stop_token_set(model.config.eos_token_ids)
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     input_ids, lengths = pad_prompts(prompts, pad_id, device)
     B = len(prompts)

@@ -65,6 +65,12 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    def stop_token_set(self, eos_token_ids: list[int]) -> frozenset[int]:
+        """Token ids that end generation (not emitted): stop_token_ids, else the model's eos list; none with ignore_eos."""
+        if self.ignore_eos:
+            return frozenset()
+        return frozenset(self.stop_token_ids if self.stop_token_ids is not None else eos_token_ids)
+
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
     """logits [B, V]; seen [B, V] bool. Positive logits are divided, negative multiplied (CTRL / HF)."""

@@ -83,9 +83,8 @@ class LLMEngine:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self.requests:
             raise ValueError(f"request_id: {request_id!r} is already running")
-        stop_ids = frozenset() if params.ignore_eos else frozenset(
-            params.stop_token_ids if params.stop_token_ids is not None else self.model.config.eos_token_ids)
-        seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params, stop_ids,
+        seq = Sequence(request_id, list(prompt_token_ids), len(prompt_token_ids), params,
+                       params.stop_token_set(self.model.config.eos_token_ids),
                        arrival_time=time.perf_counter(),
                        generator=make_generator(params.seed, self.runner.device))
         self.requests[request_id] = seq
