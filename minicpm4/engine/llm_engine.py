@@ -193,7 +193,7 @@ class LLMEngine:
             return None
         want_lp = seq.params.logprobs is not None
         out = RequestOutput(
-            request_id=rid, prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens], token_ids=list(seq.output_token_ids),
+            request_id=rid, prompt_token_ids=seq.prompt_token_ids, token_ids=list(seq.output_token_ids),
             new_token_ids=new_tokens, text=text, new_text=text[sent_chars:], finished=seq.is_finished,
             finish_reason=seq.finish_reason, logprobs=list(seq.logprobs) if want_lp else None,
             new_logprobs=seq.logprobs[sent_lps:] if want_lp else None,

@@ -24,7 +24,7 @@ class RequestMetrics:
 @dataclass
 class RequestOutput:
     request_id: str
-    prompt_token_ids: list[int]
+    prompt_token_ids: list[int]  # shared by every output of the request: read-only
     token_ids: list[int]  # every generated token so far (the stop token excluded)
     new_token_ids: list[int]  # generated since the previous output of this request
     text: str  # detokenized output so far (empty without a tokenizer); stop strings cut off

@@ -39,7 +39,11 @@ class Sequence:
     # Penalty state over the generated tokens, allocated on first use ([V] on the model's device).
     output_counts: torch.Tensor | None = None
     seen: torch.Tensor | None = None  # [V] bool, prompt + generated (repetition penalty)
-    stop_string_hit: bool = False
+    # The prompt, sliced once: every RequestOutput of this request shares it (read-only).
+    prompt_token_ids: list[int] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.prompt_token_ids = self.token_ids[:self.num_prompt_tokens]
 
     @property
     def num_tokens(self) -> int:
