@@ -36,7 +36,8 @@ class AsyncLLM:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._lock = threading.Lock()  # guards _streams and stats snapshots
         self._wake = threading.Event()
-        self._stopping = False
+        self._stopping = False  # refuse new requests
+        self._stop_worker = False  # end the worker loop
         self._threads = threads
         self.last_step_tokens_per_s = 0.0
         self.error: BaseException | None = None  # a crash of the worker, surfaced to every caller
@@ -107,14 +108,11 @@ class AsyncLLM:
         deadline = time.monotonic() + timeout
         while drain and self.engine.has_unfinished() and time.monotonic() < deadline and self._worker.is_alive():
             await asyncio.sleep(0.05)
-        self._submit(lambda: None)
         self._stop_worker = True
         self._wake.set()
         await asyncio.get_running_loop().run_in_executor(None, self._worker.join, timeout)
 
     # ---- worker ------------------------------------------------------------------------------------------
-    _stop_worker = False
-
     def _submit(self, command: _Command) -> None:
         self._commands.put(command)
         self._wake.set()
