@@ -172,3 +172,15 @@ def pyplot():
         print("matplotlib not installed: no plot", file=sys.stderr)
         return None
     return plt
+
+
+def save_figure(fig, path: Path, title: str) -> Path:
+    """Title, tighten, write `fig` to path (folders made) and release it."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

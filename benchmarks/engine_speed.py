@@ -8,8 +8,7 @@ head, built with build_model(seed=0) and saved with save_model plus the real tok
   reference  minicpm4.generate.generate_tokens (static KV cache, greedy). Prefill time = call -> first
              token out (prefill + first argmax); decode time = first token -> last token.
   engine     minicpm4.engine.LLM(model_dir, dtype=...).generate([ids], SamplingParams(...)); times from
-             RequestOutput.metrics (arrival -> first token -> finished). Shown as n/a while
-             minicpm4.engine is not importable (or fails; the error is kept in the JSON).
+             RequestOutput.metrics (arrival -> first token -> finished).
   llamacpp   llama-cpp-python's low-level API on our GGUF export (F32 file for fp32, BF16 file for bf16;
              KV cache F32 / BF16 to match), n_threads = --threads, the prompt in one llama_decode call,
              then one llama_decode per token with numpy argmax on the logits. Tok/s from llama.cpp's own
@@ -55,7 +54,6 @@ import gc
 import shutil
 import sys
 import time
-import traceback
 import warnings
 from collections import deque
 from dataclasses import dataclass, field
@@ -213,10 +211,8 @@ class ReferenceSystem:
 
 
 def import_engine():
-    try:
-        from minicpm4.engine import LLM, SamplingParams
-    except Exception as exc:  # the engine is being written in parallel; any import failure means n/a
-        raise Unavailable(f"minicpm4.engine not importable: {type(exc).__name__}: {exc}") from exc
+    from minicpm4.engine import LLM, SamplingParams
+
     return LLM, SamplingParams
 
 
@@ -415,13 +411,8 @@ def bench_case(model_name: str, dtype: str, args, workdir: Path, bandwidth: floa
         try:
             systems[name] = build_system(name, model_dir, dtype, args, workdir, model_name)
             systems[name].run(warm, WARMUP_NEW)
-        except Unavailable as exc:
+        except Unavailable as exc:  # llama-cpp-python not installed: that column is n/a
             errors[name] = str(exc)
-        except Exception as exc:
-            if name != "engine":  # the engine may be half-written; a broken baseline is a real failure
-                raise
-            errors[name] = f"{type(exc).__name__}: {exc}"
-            traceback.print_exc()
             systems.pop(name, None)
         if name in errors:
             print(f"[{model_name} {dtype}] {name}: n/a ({errors[name]})", flush=True)
@@ -431,15 +422,8 @@ def bench_case(model_name: str, dtype: str, args, workdir: Path, bandwidth: floa
     for r in range(args.repeats):
         shift = r % len(order) if order else 0
         for name in order[shift:] + order[:shift]:  # rotate the order: no system always runs first
-            try:
-                run = systems[name].run(prompts[r], args.new_tokens)
-                run.extra["repeat"] = r
-            except Exception as exc:
-                if name != "engine":
-                    raise
-                errors[name] = f"{type(exc).__name__}: {exc}"
-                traceback.print_exc()
-                continue
+            run = systems[name].run(prompts[r], args.new_tokens)
+            run.extra["repeat"] = r
             runs[name].append(run)
             print(f"[{model_name} {dtype}] repeat {r} {name:9s} prefill {run.prefill_tok_s:9.1f} tok/s  "
                   f"decode {run.decode_tok_s:8.2f} tok/s", flush=True)
@@ -500,15 +484,20 @@ def parse_list(value: str, allowed: tuple[str, ...], what: str) -> list[str]:
     return items
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def add_run_options(p: argparse.ArgumentParser, systems: tuple[str, ...], prompt_len: int) -> None:
+    """The options engine_speed.py and engine_throughput.py share (models, dtypes, systems, sizes, threads)."""
     p.add_argument("--models", default="default,0.5b", type=lambda v: parse_list(v, MODELS, "model"))
     p.add_argument("--dtypes", default="float32,bfloat16", type=lambda v: parse_list(v, tuple(DTYPES), "dtype"))
-    p.add_argument("--systems", default=",".join(SYSTEMS), type=lambda v: parse_list(v, SYSTEMS, "system"))
+    p.add_argument("--systems", default=",".join(systems), type=lambda v: parse_list(v, systems, "system"))
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--prompt-len", type=int, default=prompt_len)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--threads", type=int, default=2, help="torch and llama.cpp threads")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_run_options(p, SYSTEMS, prompt_len=512)
     p.add_argument("--llamacpp-flash-attn", choices=["auto", "on", "off"], default="off",
                    help="llama.cpp flash attention; off (default) keeps fp32 attention fp32, auto = llama.cpp's "
                    "own default (on for CPU), which rounds inside attention to F16 (see the docstring)")

@@ -4,7 +4,7 @@ Every request has its own --prompt-len random prompt (different ids per request)
 --new-tokens greedy tokens with EOS ignored; all N requests are submitted at once. Systems:
 
   engine     minicpm4.engine.LLM(model_dir, dtype=...).generate(list_of_prompts, SamplingParams(...));
-             per-request times from RequestOutput.metrics. n/a while minicpm4.engine is not importable.
+             per-request times from RequestOutput.metrics.
   reference  minicpm4.generate.generate_tokens on all N prompts as one static batch (the baseline the
              engine replaces): every request gets its first token when the batched prefill ends.
   llamacpp   llama-cpp-python's C API on our GGUF export (F32 / BF16, KV cache to match), N sequences in
@@ -34,17 +34,16 @@ import argparse
 import gc
 import sys
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, command_line, fmt, machine_info, median, percentile, publish, pyplot, TimedRequest, workdir_or_temp  # noqa: E402
+from common import RESULTS_DIR, command_line, fmt, machine_info, median, percentile, publish, pyplot, save_figure, TimedRequest, workdir_or_temp  # noqa: E402
 from engine_speed import (  # noqa: E402
-    DTYPES, MODELS, LlamaCppRunner, Unavailable, gguf_file, import_engine, import_llama_cpp, make_prompt,
-    parse_list, prepare_model, sampling_params,
+    DTYPES, LlamaCppRunner, Unavailable, gguf_file, import_engine, import_llama_cpp, make_prompt,
+    add_run_options, prepare_model, sampling_params,
 )
 
 from minicpm4.config import MiniCPMConfig  # noqa: E402
@@ -180,13 +179,8 @@ def bench_case(model_name: str, dtype: str, args, workdir: Path) -> dict:
         try:
             systems[name] = build(name, model_dir, dtype, args, workdir, model_name)
             systems[name].run([make_prompt(config, WARMUP_PROMPT, seed=10_000)], WARMUP_NEW)
-        except Unavailable as exc:
+        except Unavailable as exc:  # llama-cpp-python not installed: that column is n/a
             errors[name] = str(exc)
-        except Exception as exc:
-            if name != "engine":
-                raise
-            errors[name] = f"{type(exc).__name__}: {exc}"
-            traceback.print_exc()
             systems.pop(name, None)
         if name in errors:
             print(f"[{model_name} {dtype}] {name}: n/a ({errors[name]})", flush=True)
@@ -199,14 +193,7 @@ def bench_case(model_name: str, dtype: str, args, workdir: Path) -> dict:
             prompts = [make_prompt(config, args.prompt_len, seed=1 + i + 1000 * n + 1_000_000 * rep) for i in range(n)]
             shift = rep % len(order) if order else 0
             for name in order[shift:] + order[:shift]:
-                try:
-                    reqs, submitted = systems[name].run(prompts, args.new_tokens)
-                except Exception as exc:
-                    if name != "engine":
-                        raise
-                    errors[name] = f"{type(exc).__name__}: {exc}"
-                    traceback.print_exc()
-                    continue
+                reqs, submitted = systems[name].run(prompts, args.new_tokens)
                 s = summarise_run(reqs, submitted)
                 runs.setdefault((name, n), []).append(s)
                 print(f"[{model_name} {dtype}] N={n:2d} repeat {rep} {name:9s} decode {s['total_decode_tok_s']:8.1f} "
@@ -291,24 +278,13 @@ def plot(cases: list[dict], path: Path, title: str) -> Path | None:
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
     ax_tp.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title)
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--models", default="default,0.5b", type=lambda v: parse_list(v, MODELS, "model"))
-    p.add_argument("--dtypes", default="float32,bfloat16", type=lambda v: parse_list(v, tuple(DTYPES), "dtype"))
-    p.add_argument("--systems", default=",".join(SYSTEMS), type=lambda v: parse_list(v, SYSTEMS, "system"))
+    add_run_options(p, SYSTEMS, prompt_len=128)
     p.add_argument("--concurrency", default="1,4,16,32", type=lambda v: [int(x) for x in v.split(",") if x.strip()])
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--threads", type=int, default=2, help="torch and llama.cpp threads")
     p.add_argument("--llamacpp-flash-attn", choices=["auto", "on", "off"], default="off",
                    help="llama.cpp flash attention (see engine_speed.py's docstring)")
     p.add_argument("--llamacpp-kv-unified", action="store_true",

@@ -69,7 +69,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, command_line, fmt, machine_info, median, percentile, publish, pyplot, TimedRequest, workdir_or_temp, write_results  # noqa: E402
+from common import RESULTS_DIR, command_line, fmt, machine_info, median, percentile, publish, pyplot, save_figure, TimedRequest, workdir_or_temp, write_results  # noqa: E402
 from engine_speed import MODELS, REPO, make_prompt, parse_list, prepare_model  # noqa: E402
 
 from minicpm4.config import MiniCPMConfig  # noqa: E402
@@ -491,12 +491,7 @@ def plot(cases: list[dict], path: Path, title: str) -> Path | None:
         ax.set_title(f"{case['model']} ({case['dtype_resolved'] or case['dtype']})", fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title)
 
 
 def int_list(value: str) -> list[int]:
