@@ -82,10 +82,8 @@ class LLM:
                             left.discard(out.request_id)
                         yield index[out.request_id], out
         finally:
-            for rid in left:
-                self.engine.abort(rid)
-            if left:
-                self.engine.step()  # hand out the aborts' final outputs so nothing lingers
+            for rid in left:  # the iterator was closed early: nobody will read these requests' outputs
+                self.engine.abort(rid, notify=False)
 
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[RequestOutput]:
         for _, out in self.stream_batch([prompt], params):

@@ -97,12 +97,16 @@ class LLMEngine:
             self.scheduler.add(seq)
         return request_id
 
-    def abort(self, request_id: str) -> bool:
-        """Stop a request now and free its pages; False if it is unknown or already finished."""
+    def abort(self, request_id: str, notify: bool = True) -> bool:
+        """Stop a request now and free its pages; False if it is unknown or already finished. notify: the
+        next step reports its final output (finish_reason "abort"); False forgets it at once (nobody listens)."""
         seq = self.requests.get(request_id)
         if seq is None or seq.is_finished:
             return False
         self._finish(seq, "abort")
+        if not notify:
+            for table in (self.requests, self.text, self._sent):
+                table.pop(request_id, None)
         return True
 
     def has_unfinished(self) -> bool:

@@ -202,3 +202,12 @@ def test_streaming_deltas_add_up(model, reference):
     deltas = list(llm.stream(PROMPTS[2], GREEDY))
     assert sum((d.new_token_ids for d in deltas), []) == reference[2] == deltas[-1].token_ids
     assert deltas[-1].finished and not any(d.finished for d in deltas[:-1])
+
+
+def test_closing_a_stream_early_releases_its_request(model):
+    llm = LLM(model=model, block_size=16, fast_forward=False)
+    stream = llm.stream(PROMPTS[3], SamplingParams(max_new_tokens=50, ignore_eos=True))
+    next(stream)
+    assert llm.engine.blocks.num_used > 0
+    stream.close()
+    assert llm.engine.blocks.num_used == 0 and not llm.engine.requests and not llm.engine.has_unfinished()
