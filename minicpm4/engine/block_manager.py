@@ -118,11 +118,9 @@ class BlockManager:
             page.ref_count -= 1
             assert page.ref_count >= 0, f"page {page_id} freed twice"
             if page.ref_count == 0:
+                self.free[page_id] = None  # hashed pages join the end: their cached prefix is evicted last
                 if page.hash is None:
-                    self.free[page_id] = None
                     self.free.move_to_end(page_id, last=False)  # unhashed pages are reused first
-                else:
-                    self.free[page_id] = None
         seq.block_table = []
         seq.num_computed_tokens = 0
         self._chain.pop(id(seq), None)
