@@ -246,7 +246,7 @@ class Direct:
         if mode == "main":
             torch.set_num_threads(threads)
         pipe = default_pipeline(dtype) if model_name == "default" else from_pretrained(model_dir, dtype=dtype)
-        self.dtype = str(next(pipe.model.parameters()).dtype).removeprefix("torch.")
+        self.dtype = str(pipe.model.dtype).removeprefix("torch.")
         self.description = pipe.description
         self.llm = LLM(model=pipe.model, tokenizer=pipe.tokenizer, **SERVER_ENGINE_OPTIONS)
         fast = getattr(self.llm.engine.runner, "fast", None)

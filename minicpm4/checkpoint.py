@@ -58,9 +58,12 @@ _IGNORED = [re.compile(re.escape(t).replace(re.escape("{i}"), r"\d+")) for t in 
 # crash the process (SIGBUS) if the file is later rewritten in place. safetensors < 0.8 lacks the option.
 _OPEN_OPTIONS = {"backend": "pread"} if "backend" in (safe_open.__text_signature__ or "") else {}
 
-# safetensors header dtype -> torch dtype (floating point only: every MiniCPM weight is a float).
+# safetensors header dtype -> torch dtype. Floats for every weight; the integer types only for the packed tensors
+# of a quantized checkpoint (their names exist only in a quantized config's name map, so a stray integer
+# tensor in a float checkpoint is still rejected, as unexpected).
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+           "I32": torch.int32, "U8": torch.uint8, "I8": torch.int8}
 
 
 class CheckpointError(ValueError):
@@ -82,7 +85,9 @@ def name_map(config: MiniCPMConfig) -> dict[str, str]:
             continue
         for i in range(config.num_hidden_layers) if "{i}" in hf else [0]:
             out[hf.format(i=i)] = ours.format(i=i)
-    return out
+    from minicpm4.quant.format import packed_names  # a quantization_config extends the map (packed tensors)
+
+    return packed_names(config, out)
 
 
 def inverse_name_map(config: MiniCPMConfig) -> dict[str, str]:
@@ -124,7 +129,8 @@ def _headers(path: Path, names: list[str] | None = None, index: Path | None = No
         for name in sorted(present) if names is None else names:
             s = f.get_slice(name)
             if s.get_dtype() not in _DTYPES:
-                raise CheckpointError(f"{path}: tensor {name} has dtype {s.get_dtype()}; weights must be floating point")
+                raise CheckpointError(f"{path}: tensor {name} has dtype {s.get_dtype()}; weights must be floating point "
+                                      "(or int32/uint8/int8 packed tensors of a quantized checkpoint)")
             out[name] = TensorInfo(path, tuple(s.get_shape()), _DTYPES[s.get_dtype()])
         return out
 
@@ -169,10 +175,12 @@ def scan_checkpoint(path: str | os.PathLike) -> dict[str, TensorInfo]:
 
 
 def _dominant_dtype(tensors: list[tuple[torch.dtype, int]]) -> torch.dtype:
-    """The dtype holding most elements: a bf16 checkpoint with a few fp32 norms counts as bf16."""
+    """The float dtype holding most elements: a bf16 checkpoint with a few fp32 norms counts as bf16 (packed integer
+    tensors of a quantized checkpoint do not count: the model computes in its scales' and norms' dtype)."""
     counts: Counter[torch.dtype] = Counter()
     for dtype, numel in tensors:
-        counts[dtype] += numel
+        if dtype.is_floating_point:
+            counts[dtype] += numel
     return counts.most_common(1)[0][0] if counts else torch.float32
 
 
@@ -200,8 +208,12 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device
     folder = _checkpoint_folder(path)
     config = MiniCPMConfig.from_json(folder)
     infos = scan_checkpoint(folder)
+    target = dtype or _dominant_dtype([(i.dtype, torch.Size(i.shape).numel()) for i in infos.values()])
     with torch.device("meta"):
         model = MiniCPMForCausalLM(config)
+    from minicpm4.quant.format import prepare_packed_modules
+
+    prepare_packed_modules(model, target)  # a quantized checkpoint: empty packed linears where it says
     expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
 
     to_ours, plan, unexpected = name_map(config), {}, []  # plan: our name -> checkpoint name
@@ -230,7 +242,6 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device
     if unexpected:
         warnings.warn(f"{folder}: ignored {len(unexpected)} unexpected tensor(s): {_names(sorted(unexpected))}")
 
-    target = dtype or _dominant_dtype([(i.dtype, torch.Size(i.shape).numel()) for i in infos.values()])
     by_file: dict[Path, list[tuple[str, str]]] = defaultdict(list)
     for ours, ck in plan.items():
         by_file[infos[ck].file].append((ours, ck))
@@ -238,7 +249,8 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device
     for file, pairs in by_file.items():
         def read(f, pairs=pairs) -> None:
             for ours, ck in pairs:  # one tensor at a time; the cast frees the stored-dtype copy at once
-                state[ours] = f.get_tensor(ck).to(device=device, dtype=target)
+                t = f.get_tensor(ck)  # packed integer tensors keep their dtype
+                state[ours] = t.to(device=device, dtype=target if t.is_floating_point() else t.dtype)
         _with_file(file, read)
     model.load_state_dict(state, strict=strict, assign=True)
     del state
@@ -307,7 +319,7 @@ def save_model(model: MiniCPMForCausalLM, path: str | os.PathLike, max_shard_siz
     shards: list[list[str]] = [[]]
     size = 0
     for name, t in tensors.items():  # greedy in model order, as transformers does
-        nbytes = t.numel() * (dtype or t.dtype).itemsize
+        nbytes = t.numel() * (dtype if dtype and t.is_floating_point() else t.dtype).itemsize
         if shards[-1] and size + nbytes > max_shard_size:
             shards.append([])
             size = 0
@@ -321,7 +333,8 @@ def save_model(model: MiniCPMForCausalLM, path: str | os.PathLike, max_shard_siz
     try:
         total, weight_map = 0, {}
         for file, names in zip(files, shards):
-            shard = {name: tensors[name].to(device="cpu", dtype=dtype or tensors[name].dtype).contiguous() for name in names}
+            shard = {name: tensors[name].to(device="cpu", dtype=dtype if dtype and tensors[name].is_floating_point()
+                                            else tensors[name].dtype).contiguous() for name in names}
             save_file(shard, tmp / file, metadata={"format": "pt"})  # transformers expects format=pt
             total += sum(t.numel() * t.element_size() for t in shard.values())
             weight_map.update({name: file for name in names})

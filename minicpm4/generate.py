@@ -81,7 +81,7 @@ def generate_tokens(model: MiniCPMForCausalLM, prompts: Sequence[Sequence[int]],
     """
     if params.max_new_tokens == 0:
         return
-    device = next(model.parameters()).device
+    device = model.device
     stop_ids = params.stop_token_set(model.config.eos_token_ids)
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     input_ids, lengths = pad_prompts(prompts, pad_id, device)

@@ -30,9 +30,9 @@ class StaticKVCache:
     @classmethod
     def for_model(cls, model: torch.nn.Module, batch_size: int, max_seq_len: int) -> StaticKVCache:
         cfg = model.config
-        p = next(model.parameters())
+        # The model's activation dtype (its embedding's), not its first parameter's: packed weights are integers.
         return cls(cfg.num_hidden_layers, batch_size, cfg.num_key_value_heads, max_seq_len, cfg.head_dim,
-                   dtype=p.dtype, device=p.device)
+                   dtype=model.dtype, device=model.device)
 
     def update(self, layer_idx: int, k_new: torch.Tensor, v_new: torch.Tensor,
                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:

@@ -180,7 +180,17 @@ class MiniCPMForCausalLM(nn.Module):
 
     @property
     def output_weight(self) -> torch.Tensor:
+        """The dense head weight (the embedding when tied); a packed head (minicpm4.quant) has none."""
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The activation dtype: the embedding's. Not the first parameter's: packed weights are integers."""
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
 
     @torch.no_grad()
     def init_weights(self, generator: torch.Generator | None = None) -> None:
@@ -211,8 +221,11 @@ class MiniCPMForCausalLM(nn.Module):
         return self.model.norm(h)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        # muP: divide by hidden_size / dim_model_base before the head; logits in fp32.
-        return F.linear(hidden / self.config.logit_divisor, self.output_weight).float()
+        # muP: divide by hidden_size / dim_model_base before the head; logits in fp32. The head goes through its
+        # module when there is one (a packed head of a quantized model, tied or not), else the tied embedding.
+        x = hidden / self.config.logit_divisor
+        head = self.lm_head
+        return (F.linear(x, self.model.embed_tokens.weight) if head is None else head(x)).float()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 kv_cache: StaticKVCache | None = None, logit_indices: torch.Tensor | None = None) -> torch.Tensor:

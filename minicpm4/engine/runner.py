@@ -45,11 +45,10 @@ class ModelRunner:
         self.model = model
         self.config = config
         self.max_model_len = max_model_len
-        p = next(model.parameters())
-        self.device, self.dtype = p.device, p.dtype
+        self.device, self.dtype = model.device, model.dtype  # the activation dtype (packed weights are integers)
         cfg = model.config
         self.cache = PagedKVCache(cfg.num_hidden_layers, config.num_blocks(), config.block_size,
-                                  cfg.num_key_value_heads, cfg.head_dim, p.dtype, p.device)
+                                  cfg.num_key_value_heads, cfg.head_dim, self.dtype, self.device)
         self.backend = make_paged_backend(model, config.block_size)
         self.fast = None
         if config.fast_forward:
