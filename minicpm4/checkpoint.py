@@ -211,7 +211,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device
     target = dtype or _dominant_dtype([(i.dtype, torch.Size(i.shape).numel()) for i in infos.values()])
     with torch.device("meta"):
         model = MiniCPMForCausalLM(config)
-    from minicpm4.quant.format import prepare_packed_modules
+    from minicpm4.quant.format import is_packed_tensor, prepare_packed_modules
 
     prepare_packed_modules(model, target)  # a quantized checkpoint: empty packed linears where it says
     expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
@@ -249,8 +249,9 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device
     for file, pairs in by_file.items():
         def read(f, pairs=pairs) -> None:
             for ours, ck in pairs:  # one tensor at a time; the cast frees the stored-dtype copy at once
-                t = f.get_tensor(ck)  # packed integer tensors keep their dtype
-                state[ours] = t.to(device=device, dtype=target if t.is_floating_point() else t.dtype)
+                t = f.get_tensor(ck)  # packed tensors (codes, GPTQ scales) keep their stored dtype
+                cast = t.is_floating_point() and not is_packed_tensor(ck, config)
+                state[ours] = t.to(device=device, dtype=target if cast else t.dtype)
         _with_file(file, read)
     model.load_state_dict(state, strict=strict, assign=True)
     del state
@@ -280,6 +281,22 @@ def _init_missing(model: MiniCPMForCausalLM, missing: list[str], dtype: torch.dt
 
 
 # ---- writing -------------------------------------------------------------------------------
+# What a Hugging Face folder holds beside config.json and the weights: copied along by every command that writes
+# a model folder from another one (training exports, quantize).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja", "generation_config.json")
+
+
+def copy_tokenizer_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
+    """Copy the tokenizer and generation files of folder src that exist into dst; returns their names."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy(Path(src) / name, Path(dst) / name)
+            copied.append(name)
+    return copied
+
+
 def estimate_memory(config: MiniCPMConfig, dtype: torch.dtype = torch.bfloat16) -> int:
     """Bytes of the weights alone (no KV cache, no activations), from the config's shapes."""
     h, q, kv = config.hidden_size, config.num_attention_heads * config.head_dim, config.num_key_value_heads * config.head_dim
@@ -315,11 +332,15 @@ def save_model(model: MiniCPMForCausalLM, path: str | os.PathLike, max_shard_siz
         tensors[to_hf[ours]] = t.detach().clone() if key in storages else t.detach()
         storages.add(key)
     saved_dtype = dtype or _dominant_dtype([(t.dtype, t.numel()) for t in tensors.values()])
+    from minicpm4.quant.format import is_packed_tensor
+
+    def cast_to(name: str, t: torch.Tensor) -> torch.dtype:  # `dtype` applies to float weights, not packed tensors
+        return dtype if dtype and t.is_floating_point() and not is_packed_tensor(name, model.config) else t.dtype
 
     shards: list[list[str]] = [[]]
     size = 0
     for name, t in tensors.items():  # greedy in model order, as transformers does
-        nbytes = t.numel() * (dtype if dtype and t.is_floating_point() else t.dtype).itemsize
+        nbytes = t.numel() * cast_to(name, t).itemsize
         if shards[-1] and size + nbytes > max_shard_size:
             shards.append([])
             size = 0
@@ -333,8 +354,7 @@ def save_model(model: MiniCPMForCausalLM, path: str | os.PathLike, max_shard_siz
     try:
         total, weight_map = 0, {}
         for file, names in zip(files, shards):
-            shard = {name: tensors[name].to(device="cpu", dtype=dtype if dtype and tensors[name].is_floating_point()
-                                            else tensors[name].dtype).contiguous() for name in names}
+            shard = {name: tensors[name].to(device="cpu", dtype=cast_to(name, tensors[name])).contiguous() for name in names}
             save_file(shard, tmp / file, metadata={"format": "pt"})  # transformers expects format=pt
             total += sum(t.numel() * t.element_size() for t in shard.values())
             weight_map.update({name: file for name in names})

@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "minicpm4.train.cli",  # train pretrain | long | sft | export
     "minicpm4.train.tunnel_cli",  # tunnel (ModelTunnel muP LR search)
     "minicpm4.server.cli",  # serve (OpenAI-compatible server + chat page)
+    "minicpm4.quant.cli",  # quantize (INT4 RTN / GPTQ / P-GPTQ / S-P-GPTQ, ternary)
 )
 
 

@@ -34,12 +34,31 @@ class ModelSummary:
             f"context           {c.max_position_embeddings}, rope theta {c.rope_theta:g}, {rope}",
             f"muP               scale_emb {c.scale_emb}, residual x{c.residual_scale:.5f}, logits / {c.logit_divisor:g}",
             f"sparse attention  {'InfLLM v2 ' + str(c.sparse_config.to_dict()) if c.sparse_config else 'off (dense)'}",
+            f"quantization      {describe_quantization(c)}",
             "memory (weights, KV cache per 1K tokens):",
         ]
         for dtype, nbytes in self.weight_bytes.items():
             kv = self.kv_bytes_per_token.get(dtype, self.kv_bytes_per_token["bfloat16"]) * 1024
             out.append(f"  {dtype:<9} {nbytes / gib:8.3f} GiB   KV {kv / 1024**2:8.2f} MiB / 1K tokens")
         return out
+
+
+def describe_quantization(config: MiniCPMConfig) -> str:
+    """One line for `info`: what config.json's quantization_config says (the folder's stored weights)."""
+    q = config.extra.get("quantization_config")
+    if not isinstance(q, dict):
+        return "none (float weights)"
+    meta = q.get("meta") or {}
+    how = meta.get("method", q.get("quant_method"))
+    parts = [f"{q.get('quant_method')} {q.get('bits')}-bit, group {q.get('group_size')}", f"method {how}"]
+    if q.get("sym") is not None:
+        parts.append("symmetric" if q["sym"] else "asymmetric")
+    if meta.get("prefix_tokens"):
+        parts.append(f"prefix tokens {meta['prefix_tokens']}")
+    if q.get("desc_act"):
+        parts.append("act-order")
+    parts.append("LM head packed" if q.get("lm_head") else "LM head float")
+    return ", ".join(parts)
 
 
 def summarize(config: MiniCPMConfig) -> ModelSummary:

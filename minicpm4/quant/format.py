@@ -102,6 +102,16 @@ def packed_names(config: MiniCPMConfig, names: dict[str, str]) -> dict[str, str]
     return out
 
 
+def is_packed_tensor(name: str, config: MiniCPMConfig) -> bool:
+    """True for a tensor the quantization_config adds (qweight, scales, ...): the loader keeps its stored dtype
+    (integer codes; fp16 GPTQ scales stay fp16 in a bf16 model, as in the file)."""
+    q = read_quantization(config)
+    if q is None:
+        return False
+    tensors = GPTQ_TENSORS if q["quant_method"] == "gptq" else TERNARY_TENSORS
+    return name.rpartition(".")[2] in tensors and not name.endswith("norm.weight")
+
+
 def prepare_packed_modules(model: nn.Module, dtype: torch.dtype) -> None:
     """On a meta-device model: swap the linears the config's quantization_config names for empty packed modules,
     so load_state_dict(assign=True) fills them (no-op for a float config)."""
@@ -112,7 +122,7 @@ def prepare_packed_modules(model: nn.Module, dtype: torch.dtype) -> None:
         return
     for name, k, n in _packed_linears(model.config, q):
         g = _group_size(q, k)
-        module = (Int4Linear(k, n, g, dtype=dtype, device="meta") if q["quant_method"] == "gptq"
+        module = (Int4Linear(k, n, g, device="meta") if q["quant_method"] == "gptq"
                   else TernaryLinear(k, n, g, dtype=dtype, device="meta"))
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, leaf, module)

@@ -40,10 +40,6 @@ class QuantLinearBase(nn.Module):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         raise NotImplementedError
 
-    @property
-    def weight_dtype(self) -> torch.dtype:
-        """The activation / output dtype this module computes in (the model's dtype before quantization)."""
-        return self.scales.dtype
 
     def kernel_weight(self):
         """The weight in the C++ kernel's layout (built once, cached), or None without the kernel."""
@@ -75,10 +71,14 @@ class QuantLinearBase(nn.Module):
 
 
 class Int4Linear(QuantLinearBase):
-    """W4 group-quantized linear (no bias: MiniCPM has none). Buffers: qweight, qzeros, scales, g_idx."""
+    """W4 group-quantized linear (no bias: MiniCPM has none). Buffers: qweight, qzeros, scales, g_idx.
+
+    Scales are fp16 whatever the model's dtype, as GPTQ files store them (other tools expect fp16, and bf16 would
+    round them by 3 more bits); the forward computes in the input's dtype.
+    """
 
     def __init__(self, in_features: int, out_features: int, group_size: int = 128,
-                 dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None) -> None:
+                 dtype: torch.dtype = torch.float16, device: torch.device | str | None = None) -> None:
         super().__init__()
         int4.check_group_size(in_features, group_size)
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
@@ -92,12 +92,13 @@ class Int4Linear(QuantLinearBase):
 
     @classmethod
     def from_codes(cls, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor | None,
-                   group_size: int, dtype: torch.dtype) -> Int4Linear:
-        """codes uint8 [N, K], scales [N, G], zeros int [N, G] (int4.rtn_quantize / GPTQ output)."""
+                   group_size: int, dtype: torch.dtype | None = None) -> Int4Linear:
+        """codes uint8 [N, K], scales [N, G], zeros int [N, G] (int4.rtn_quantize / GPTQ output). dtype: unused
+        (scales are fp16, see the class doc); kept so every packed module is built the same way."""
         N, K = codes.shape
-        m = cls(K, N, group_size, dtype=dtype, device="meta")
+        m = cls(K, N, group_size, device="meta")
         g_idx = int4.default_g_idx(K, group_size) if g_idx is None else g_idx
-        for name, t in int4.pack_gptq(codes, scales, zeros, g_idx, scale_dtype=dtype).items():
+        for name, t in int4.pack_gptq(codes, scales, zeros, g_idx, scale_dtype=torch.float16).items():
             setattr(m, name, t)
         return m
 
@@ -193,7 +194,7 @@ def dense_weight(module: nn.Module, dtype: torch.dtype | None = None) -> torch.T
     """The float weight [out, in] a linear computes with: nn.Linear's, the ternarised QAT weight, or a packed one's
     dequantized value (GGUF export, FastDecoder's torch path and tests read weights through this one function)."""
     if isinstance(module, QuantLinearBase):
-        w = module.dequantize(dtype or module.weight_dtype)
+        w = module.dequantize(dtype or torch.float32)
     elif isinstance(module, FakeTernaryLinear):
         w = ternary.fake_ternary(module.weight.detach(), module.group_size)
     else:

@@ -337,16 +337,13 @@ def train(model_config: MiniCPMConfig, cfg: TrainConfig, train_data: PackedDatas
     return result
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "chat_template.jinja", "generation_config.json")
+from minicpm4.checkpoint import TOKENIZER_FILES, copy_tokenizer_files  # noqa: E402 (re-exported for train/cli.py)
 
 
 def export_final(result: TrainResult, path: str | Path, tokenizer_dir: str | Path | None = None) -> Path | None:
     """Collective: write the trained model as a Hugging Face folder (config.json + safetensors, via
     checkpoint.save_model) on rank 0, plus the tokenizer files of `tokenizer_dir` and, when trained, the MTP
     head as mtp_head.safetensors (names relative to the head; order flag in its metadata)."""
-    import shutil
-
     from safetensors.torch import save_file
 
     from minicpm4.checkpoint import save_model
@@ -365,7 +362,5 @@ def export_final(result: TrainResult, path: str | Path, tokenizer_dir: str | Pat
         save_file({k: v.contiguous() for k, v in state["mtp"].items()}, path / "mtp_head.safetensors",
                   metadata={"format": "pt", "embed_first": str(inner.mtp.embed_first)})
     if tokenizer_dir is not None:
-        for name in TOKENIZER_FILES:
-            if (Path(tokenizer_dir) / name).is_file():
-                shutil.copy(Path(tokenizer_dir) / name, path / name)
+        copy_tokenizer_files(tokenizer_dir, path)
     return path
