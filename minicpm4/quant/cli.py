@@ -28,8 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(post-training; QAT is `minicpm4 train qat`)")
     p.add_argument("-o", "--out", required=True, metavar="OUT", help="output folder")
     p.add_argument("--group-size", type=int, default=None,
-                   help="input channels per scale (default 128 for INT4, 64 for ternary; must divide the hidden and "
-                   "intermediate sizes)")
+                   help="input channels per scale (default 128 for INT4, 64 for ternary, or the largest of 64 / 32 that "
+                   "divides the hidden and intermediate sizes when the default does not)")
     p.add_argument("--asym", action="store_true", help="INT4 with per-group zero points (default symmetric)")
     p.add_argument("--lm-head", action="store_true", help="also quantize the LM head (default: kept, as the report)")
     g = p.add_argument_group("GPTQ")
@@ -50,12 +50,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_quantize)
 
 
-def make_config(args: argparse.Namespace):
+def default_group_size(method: str, dims: tuple[int, ...]) -> int:
+    preferred = 64 if method == "ternary" else 128
+    for g in (preferred, 64, 32):
+        if g <= preferred and all(d % g == 0 for d in dims):
+            return g
+    return preferred  # reported by the divisibility check, naming the flag
+
+
+def make_config(args: argparse.Namespace, dims: tuple[int, ...]):
     from minicpm4.quant import GPTQConfig, Int4WeightOnlyConfig, TernaryQATConfig
 
+    g = args.group_size or default_group_size(args.method, dims)
     if args.method == "ternary":
-        return TernaryQATConfig(step="convert", group_size=args.group_size or 64, lm_head=args.lm_head)
-    g = args.group_size or 128
+        return TernaryQATConfig(step="convert", group_size=g, lm_head=args.lm_head)
     if args.method == "rtn":
         return Int4WeightOnlyConfig(group_size=g, sym=not args.asym, lm_head=args.lm_head)
     prefix = args.prefix_tokens if args.prefix_tokens is not None else (0 if args.method == "gptq" else 4)
@@ -102,8 +110,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         raise UserError(f"{src}: no config.json (expected a Hugging Face MiniCPM4 folder)")
     if out.resolve() == src.resolve():
         raise UserError("--out must differ from MODEL_DIR (the float weights are the input)")
-    config = make_config(args)
-    if read_quantization(MiniCPMConfig.from_json(src)) is not None:
+    src_config = MiniCPMConfig.from_json(src)
+    config = make_config(args, (src_config.hidden_size, src_config.intermediate_size))
+    if read_quantization(src_config) is not None:
         raise UserError(f"{src} is already quantized; quantize the float checkpoint")
     if isinstance(config, GPTQConfig) and not args.calib:
         raise UserError(f"--method {args.method} needs --calib PATH (token shards, .npy, .jsonl or text)")
@@ -129,7 +138,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     out = save_model(model, out)
     copy_tokenizer_files(src, out)
     size_in, size_out = _folder_bytes(src), _folder_bytes(out)
-    lines = [f"{report.method}: {seconds:.1f} s; wrote {out}",
+    lines = [f"{report.method}, group size {config.group_size}: {seconds:.1f} s; wrote {out}",
              f"size: {size_in / 1024**2:.2f} MiB -> {size_out / 1024**2:.2f} MiB ({size_out / max(size_in, 1):.3f}x)"]
     if report.layers:
         lines.append("relative output error on the calibration tokens (non-prefix), per linear:")
