@@ -170,6 +170,8 @@ def scan_checkpoint(path: str | os.PathLike) -> dict[str, TensorInfo]:
             f"{folder} holds only PyTorch pickle weights ({_names(pickles, 3)}); convert them to safetensors first, "
             f"e.g. safetensors.torch.save_file(torch.load(f, weights_only=True), 'model.safetensors', {{'format': 'pt'}})")
     others = sorted(p.name for p in folder.glob("*.safetensors"))
+    if len(others) == 1 and (folder / "quantize_config.json").is_file():  # AutoGPTQ names its one file freely
+        return _headers(folder / others[0])
     hint = f" (found {_names(others, 3)}: shards need {INDEX_FILE})" if others else ""
     raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {folder}{hint}")
 
@@ -205,8 +207,10 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device
                strict: bool = True) -> MiniCPMForCausalLM:
     """Load a checkpoint folder; dtype None keeps the stored dtype. strict=False initialises missing
     tensors as `init_weights` does (with a warning) and ignores unexpected ones."""
+    from minicpm4.quant.format import with_quantize_config
+
     folder = _checkpoint_folder(path)
-    config = MiniCPMConfig.from_json(folder)
+    config = with_quantize_config(MiniCPMConfig.from_json(folder), folder)
     infos = scan_checkpoint(folder)
     target = dtype or _dominant_dtype([(i.dtype, torch.Size(i.shape).numel()) for i in infos.values()])
     with torch.device("meta"):

@@ -156,7 +156,11 @@ def _print_stream(pieces):
 def cmd_info(args: argparse.Namespace) -> None:
     from minicpm4.model_info import summarize
 
+    from minicpm4.quant.format import with_quantize_config
+
     cfg = read_config(args.target)
+    if Path(args.target).is_dir():  # an AutoGPTQ release keeps its quantization in quantize_config.json
+        cfg = with_quantize_config(cfg, Path(args.target))
     print("\n".join(summarize(cfg).lines()))
 
 

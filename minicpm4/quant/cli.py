@@ -101,7 +101,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
     from minicpm4.data import progress
     from minicpm4.quant import GPTQConfig, quantize_
     from minicpm4.quant.calibration import calibration_sequences
-    from minicpm4.quant.format import read_quantization
+    from minicpm4.quant.format import read_quantization, with_quantize_config
     from minicpm4.tokenizer import Tokenizer
     from minicpm4.train.default_model import validation_loss
 
@@ -110,7 +110,7 @@ def cmd_quantize(args: argparse.Namespace) -> None:
         raise UserError(f"{src}: no config.json (expected a Hugging Face MiniCPM4 folder)")
     if out.resolve() == src.resolve():
         raise UserError("--out must differ from MODEL_DIR (the float weights are the input)")
-    src_config = MiniCPMConfig.from_json(src)
+    src_config = with_quantize_config(MiniCPMConfig.from_json(src), src)
     config = make_config(args, (src_config.hidden_size, src_config.intermediate_size))
     if read_quantization(src_config) is not None:
         raise UserError(f"{src} is already quantized; quantize the float checkpoint")

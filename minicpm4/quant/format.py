@@ -11,6 +11,8 @@ codes) and `<linear>.scales` (ternary.py).
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -46,6 +48,22 @@ def quantization_config_for(model: nn.Module, config: QuantConfig) -> dict[str, 
         extra = {"desc_act": False, "static_groups": False}
     return {"quant_method": "gptq", "bits": 4, "group_size": config.group_size, "sym": config.sym,
             "checkpoint_format": "gptq", "lm_head": head, **extra, "meta": meta}
+
+
+AUTOGPTQ_CONFIG = "quantize_config.json"  # AutoGPTQ-era releases (e.g. openbmb/MiniCPM3-4B-GPTQ-Int4) keep it apart
+
+
+def with_quantize_config(config: MiniCPMConfig, folder: Path) -> MiniCPMConfig:
+    """config.json without quantization_config but an AutoGPTQ `quantize_config.json` beside it: take that one."""
+    side = Path(folder) / AUTOGPTQ_CONFIG
+    if "quantization_config" in config.extra or not side.is_file():
+        return config
+    try:
+        q = json.loads(side.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise QuantFormatError(f"{side} is not valid JSON ({e})") from e
+    q = {"quant_method": "gptq", **q} if isinstance(q, dict) else q
+    return config.replace(extra={**config.extra, "quantization_config": q})
 
 
 def read_quantization(config: MiniCPMConfig) -> dict[str, Any] | None:

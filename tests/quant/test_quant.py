@@ -271,3 +271,23 @@ def test_bad_quantization_config_names_the_key(tmp_path):
     (tmp_path / "q" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="quantization_config.bits"):
         load_model(tmp_path / "q")
+
+
+def test_autogptq_release_layout_loads(tmp_path):
+    """AutoGPTQ-era releases (openbmb/MiniCPM3-4B-GPTQ-Int4): quantization in quantize_config.json, one freely
+    named safetensors file, act-order (desc_act) with g_idx."""
+    model = build_model(tiny(), seed=5)
+    calib = [torch.randint(4, 1000, (40,), generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    quantize_(model, GPTQConfig(group_size=32, act_order=True), calibration=calib)
+    save_model(model, tmp_path / "ours")
+    release = tmp_path / "release"
+    release.mkdir()
+    cfg = json.loads((tmp_path / "ours" / "config.json").read_text())
+    q = cfg.pop("quantization_config")
+    assert q["desc_act"] is True
+    (release / "config.json").write_text(json.dumps(cfg))
+    (release / "quantize_config.json").write_text(json.dumps({k: v for k, v in q.items() if k != "quant_method"}))
+    (tmp_path / "ours" / "model.safetensors").rename(release / "gptq_model-4bit-32g.safetensors")
+    back = load_model(release)
+    ids = torch.tensor([[1, 9, 99, 999]])
+    assert isinstance(back.model.layers[0].mlp.up_proj, Int4Linear) and torch.equal(back(ids), model(ids))
