@@ -13,12 +13,12 @@ Sources (by what the path is):
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from minicpm4.io import jsonl_records
 from minicpm4.tokenizer import Tokenizer
 
 
@@ -31,24 +31,16 @@ def _token_stream(path: Path, tokenizer: Tokenizer | None) -> np.ndarray:
         return np.load(path, mmap_mode="r")
     if tokenizer is None:
         raise ValueError(f"calibration file {path}: a text/JSONL source needs the model's tokenizer")
+    if path.suffix != ".jsonl":
+        return np.asarray(tokenizer.encode(path.read_text(encoding="utf-8"), add_bos=False), dtype=np.int64)
     ids: list[int] = []
-    with open(path, encoding="utf-8") as f:
-        if path.suffix == ".jsonl":
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{n}: not JSON ({e.msg})") from e
-                if isinstance(row, dict) and isinstance(row.get("text"), str):
-                    ids += tokenizer.encode(row["text"], add_bos=False)
-                elif isinstance(row, dict) and isinstance(row.get("messages"), list):
-                    ids += tokenizer.encode_chat(row["messages"], add_generation_prompt=False)
-                else:
-                    raise ValueError(f"{path}:{n}: expected an object with a \"text\" string or a \"messages\" list")
+    for n, row in jsonl_records(path):
+        if isinstance(row, dict) and isinstance(row.get("text"), str):
+            ids += tokenizer.encode(row["text"], add_bos=False)
+        elif isinstance(row, dict) and isinstance(row.get("messages"), list):
+            ids += tokenizer.encode_chat(row["messages"], add_generation_prompt=False)
         else:
-            ids = tokenizer.encode(f.read(), add_bos=False)
+            raise ValueError(f"{path}:{n}: expected an object with a \"text\" string or a \"messages\" list")
     return np.asarray(ids, dtype=np.int64)
 
 

@@ -24,7 +24,6 @@ own segment. A conversation longer than seq_len + 1 is truncated (counted in `st
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -32,6 +31,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from minicpm4.io import jsonl_records
 from minicpm4.tokenizer import Tokenizer
 from minicpm4.train.data import Batch
 from minicpm4.train.losses import IGNORE_INDEX
@@ -45,21 +45,14 @@ def read_jsonl(path: str | Path) -> list[list[dict]]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     conversations = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON: {e}") from None
-            messages = record.get("messages") if isinstance(record, dict) else None
-            if not isinstance(messages, list) or not messages:
-                raise ValueError(f"{path}:{lineno}: expected {{\"messages\": [...]}} with at least one message")
-            for i, m in enumerate(messages):
-                if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                    raise ValueError(f"{path}:{lineno}: messages[{i}] needs string 'role' and 'content'")
-            conversations.append(messages)
+    for lineno, record in jsonl_records(path):
+        messages = record.get("messages") if isinstance(record, dict) else None
+        if not isinstance(messages, list) or not messages:
+            raise ValueError(f"{path}:{lineno}: expected {{\"messages\": [...]}} with at least one message")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise ValueError(f"{path}:{lineno}: messages[{i}] needs string 'role' and 'content'")
+        conversations.append(messages)
     return conversations
 
 
