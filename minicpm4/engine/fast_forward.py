@@ -40,14 +40,46 @@ AttendFn = Callable[..., torch.Tensor]
 KERNEL_MAX_TOKENS = {torch.bfloat16: 64, torch.float32: 128}
 
 
+# A linear of the fused decoder: a dense weight [N, K] (F.linear / the C++ GEMV), or a packed module of
+# minicpm4.quant (Int4Linear, TernaryLinear) that computes y = x W^T itself.
+Linear = torch.Tensor | torch.nn.Module
+
+
 @dataclass
 class _Layer:
     in_norm: torch.Tensor  # [H]
-    qkv: torch.Tensor  # [(Hq + 2 Hkv) D, H]: q_proj | k_proj | v_proj rows (a copy: the one fused tensor)
-    o: torch.Tensor  # [H, Hq D] (the model's o_proj.weight)
+    qkv: Linear  # [(Hq + 2 Hkv) D, H]: q_proj | k_proj | v_proj rows (a copy: the one fused tensor)
+    o: Linear  # [H, Hq D] (the model's o_proj.weight)
     post_norm: torch.Tensor  # [H]
-    gate_up: torch.Tensor  # [2 I, H]: gate_proj | up_proj rows (a copy)
-    down: torch.Tensor  # [H, I] (the model's down_proj.weight)
+    gate_up: Linear  # [2 I, H]: gate_proj | up_proj rows (a copy)
+    down: Linear  # [H, I] (the model's down_proj.weight)
+
+
+def _linear(x: torch.Tensor, w: Linear) -> torch.Tensor:
+    return F.linear(x, w) if isinstance(w, torch.Tensor) else w(x)
+
+
+def _fused(modules: list[torch.nn.Module]) -> Linear:
+    """The rows of several linears sharing an input as one linear: a concatenated dense weight, or one packed
+    module (quant.linear.fuse_rows). Packed linears that cannot share one module (different formats or act-order
+    channel orders) are rebuilt dense: correct, but without the packed speed (a warning says so)."""
+    if all(isinstance(m, torch.nn.Linear) for m in modules):
+        return torch.cat([m.weight for m in modules]).detach().contiguous()
+    from minicpm4.quant.linear import dense_weight, fuse_rows
+
+    fused = fuse_rows(modules)
+    if fused is not None:
+        return fused
+    import warnings
+
+    warnings.warn("FastDecoder: these linears cannot be fused packed; running them as dense weights")
+    dtype = next(m for m in modules if isinstance(m, torch.nn.Linear)).weight.dtype if any(
+        isinstance(m, torch.nn.Linear) for m in modules) else torch.float32
+    return torch.cat([dense_weight(m, dtype) for m in modules]).contiguous()
+
+
+def _single(module: torch.nn.Module) -> Linear:
+    return module.weight.detach().contiguous() if isinstance(module, torch.nn.Linear) else module
 
 
 def _rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -66,7 +98,7 @@ def _attn_in(L: _Layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, e
              D: int) -> tuple[torch.Tensor, ...]:
     """h [N, H] -> q [N, Hq, D], k, v [N, Hkv, D] (contiguous; q/k rotated) and pre-RoPE q, k (views)."""
     N = h.shape[0]
-    qkv = F.linear(_rmsnorm(h, L.in_norm, eps), L.qkv).view(N, Hq + 2 * Hkv, D)
+    qkv = _linear(_rmsnorm(h, L.in_norm, eps), L.qkv).view(N, Hq + 2 * Hkv, D)
     qk_pre = qkv[:, : Hq + Hkv]
     qk = _rope(qk_pre, cos, sin)
     return qk[:, :Hq].contiguous(), qk[:, Hq:].contiguous(), qkv[:, Hq + Hkv:].contiguous(), qk_pre[:, :Hq], qk_pre[:, Hq:]
@@ -74,9 +106,9 @@ def _attn_in(L: _Layer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, e
 
 def _attn_out_mlp(L: _Layer, h: torch.Tensor, o: torch.Tensor, eps: float, rs: float) -> torch.Tensor:
     """h [N, H], o [N, Hq D] -> h after the attention residual and the MLP residual (muP x rs each)."""
-    h = h + F.linear(o, L.o) * rs
-    gate, up = F.linear(_rmsnorm(h, L.post_norm, eps), L.gate_up).chunk(2, dim=-1)
-    return h + F.linear(F.silu(gate) * up, L.down) * rs
+    h = h + _linear(o, L.o) * rs
+    gate, up = _linear(_rmsnorm(h, L.post_norm, eps), L.gate_up).chunk(2, dim=-1)
+    return h + _linear(F.silu(gate) * up, L.down) * rs
 
 
 class FastDecoder:
@@ -99,18 +131,18 @@ class FastDecoder:
         self.Hq, self.Hkv, self.D = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.eps, self.rs = cfg.rms_norm_eps, cfg.residual_scale
         self.embed = model.model.embed_tokens.weight
-        self.head = model.output_weight  # the embedding when tied
+        # The head: the embedding when tied, lm_head's weight, or a packed head module (a quantized model).
+        self.head: Linear = self.embed if model.lm_head is None else _single(model.lm_head)
         self.final_norm = model.model.norm.weight
         self.dtype, self.device = self.embed.dtype, self.embed.device
         with torch.no_grad():
             self.layers = [_Layer(
                 in_norm=layer.input_layernorm.weight.detach(),
-                qkv=torch.cat([layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight,
-                               layer.self_attn.v_proj.weight]).detach().contiguous(),
-                o=layer.self_attn.o_proj.weight.detach().contiguous(),
+                qkv=_fused([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj]),
+                o=_single(layer.self_attn.o_proj),
                 post_norm=layer.post_attention_layernorm.weight.detach(),
-                gate_up=torch.cat([layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight]).detach().contiguous(),
-                down=layer.mlp.down_proj.weight.detach().contiguous(),
+                gate_up=_fused([layer.mlp.gate_proj, layer.mlp.up_proj]),
+                down=_single(layer.mlp.down_proj),
             ) for layer in model.model.layers]
             positions = torch.arange(context_len, device=self.device)
             cos, sin = model.rotary(positions[None], context_len)  # [1, L, D] fp32, attention scaling applied
@@ -131,6 +163,9 @@ class FastDecoder:
         why = None
         if self.device.type != "cpu" or self.dtype not in (torch.float32, torch.bfloat16):
             why = f"CPU fp32/bf16 weights (got {self.device.type} {self.dtype})"
+        elif any(not isinstance(w, torch.Tensor) for L in self.layers for w in (L.qkv, L.o, L.gate_up, L.down)) \
+                or not isinstance(self.head, torch.Tensor):
+            why = "dense weights (packed linears run through their own modules' kernels)"
         elif self.pre_rope:
             why = "post-RoPE attention (use_nope backends get the PyTorch path)"
         elif any(not t.is_contiguous() for t in (self.embed, self.head, self.final_norm)):
@@ -196,7 +231,7 @@ class FastDecoder:
         x = (hidden / self.config.logit_divisor).to(self.dtype).contiguous()
         M = x.shape[0]
         if self.kernel is None or not 0 < M <= self.max_kernel_tokens:
-            return F.linear(x, self.head).float()
+            return _linear(x, self.head).float()
         y = torch.empty(M, self.head.shape[0], dtype=torch.float32)
         self.kernel.lib.ff_logits(self.kernel.handle, x.data_ptr(), self.head.data_ptr(), y.data_ptr(), M, y.shape[1])
         return y

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from minicpm4.quant import int4, ternary
 
-_INNER_K_TILES = 2  # the CPU int4 packing's k-tile (2, 4 or 8; the CPU kernel ignores it beyond the layout)
+_INNER_K_TILES = 2
+_INT4PACK_GROUPS = (32, 64, 128, 256)  # the group sizes PyTorch's CPU int4 kernel accepts; others dequantize  # the CPU int4 packing's k-tile (2, 4 or 8; the CPU kernel ignores it beyond the layout)
 
 
 def _kernels():
@@ -124,7 +125,8 @@ class Int4Linear(QuantLinearBase):
         return k.pack_int4(codes, scales, zeros, self.group_size, perm=perm)
 
     def _torch_forward(self, x2: torch.Tensor) -> torch.Tensor:
-        if x2.device.type != "cpu" or x2.dtype not in (torch.float32, torch.bfloat16) or not x2.shape[0]:
+        if (x2.device.type != "cpu" or x2.dtype not in (torch.float32, torch.bfloat16) or not x2.shape[0]
+                or self.group_size not in _INT4PACK_GROUPS):
             return super()._torch_forward(x2)
         if self._int4pack is None:
             codes, scales, zeros, _ = self.unpacked()
