@@ -211,7 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="export a model folder to another format")
     p.add_argument("model_dir", metavar="MODEL_DIR")
     p.add_argument("--to", required=True, choices=["gguf"], help="target format")
-    p.add_argument("--outtype", choices=["f32", "bf16"], default="bf16")
+    p.add_argument("--outtype", choices=["f32", "bf16", "q8_0", "q4_0", "tq1_0", "tq2_0"], default="bf16",
+                   help="f32 / bf16, or a llama.cpp quantized type: q8_0, q4_0, tq1_0 / tq2_0 (ternary; exact for "
+                   "ternary weights with one scale per 256 inputs); norms stay F32, the embedding Q8_0")
     p.add_argument("--out", "-o", default=None, help="output file (default: MODEL_DIR/model-OUTTYPE.gguf)")
     p.set_defaults(func=cmd_convert)
 

@@ -16,6 +16,13 @@ class UserError(Exception):
     """A problem with the command line or the files it names: shown as one line."""
 
 
+class MissingDependency(UserError, ImportError):
+    """An optional package a feature needs is not installed; the message names the extra that installs it."""
+
+    def __init__(self, feature: str, package: str, extra: str) -> None:
+        super().__init__(f"{feature} needs the '{package}' package: pip install 'minicpm4[{extra}]'")
+
+
 # What a user can fix: config.ConfigError is a ValueError (it names the key), so it is covered too.
 USER_ERRORS = (UserError, ValueError, FileNotFoundError, IsADirectoryError, PermissionError)
 

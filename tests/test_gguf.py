@@ -297,8 +297,109 @@ def test_export_model_dir_matches_in_memory_export(bpe_dir, tmp_path):
 
 def test_bad_out_type(bpe_dir, tmp_path):
     with pytest.raises(ValueError, match="out_type"):
-        export_model(build_model(tiny(vocab_size=512)), bpe_dir, tmp_path / "x.gguf", "q4_0")
+        export_model(build_model(tiny(vocab_size=512)), bpe_dir, tmp_path / "x.gguf", "q3_k")
     assert not list(tmp_path.iterdir())
+
+
+# ---- quantized file types ---------------------------------------------------------------------------------------
+# Relative mean error |dequant - w| / |w| of gguf-py's quantizers on Gaussian weights (measured: Q8_0 0.006,
+# Q4_0 0.09); the bounds leave ~2x room. Ternary types fit only ternary weights (see the exact test below).
+QUANT_ERRORS = {"q8_0": 0.012, "q4_0": 0.18}
+# A 2-layer tiny model whose rows (256 inputs) fit every block size: 32 (Q8_0, Q4_0) and 256 (TQ*).
+QUANT_CONFIG = dict(vocab_size=512, hidden_size=256, intermediate_size=256, num_attention_heads=16,
+                    num_key_value_heads=4)  # head_dim 16, as tiny()'s RoPE factors
+
+
+def _dequant(reader, name: str) -> tuple[torch.Tensor, str]:
+    t = next(t for t in reader.tensors if t.name == name)
+    if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.BF16):
+        return tensor_of(reader, name), t.tensor_type.name
+    data = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+    return torch.from_numpy(np.ascontiguousarray(data)).float().reshape([int(n) for n in reversed(t.shape)]), t.tensor_type.name
+
+
+@pytest.fixture(scope="module")
+def quant_model():
+    return build_model(tiny(**QUANT_CONFIG), seed=3)
+
+
+@pytest.mark.parametrize("out_type", ["q8_0", "q4_0", "tq1_0", "tq2_0"])
+def test_quantized_export_types_shapes_and_error(quant_model, bpe_dir, tmp_path, out_type):
+    path = export_model(quant_model, bpe_dir, tmp_path / f"m-{out_type}.gguf", out_type)
+    reader = gguf.GGUFReader(path)
+    ftype = field(reader, "general.file_type")
+    assert ftype == int(gguf.LlamaFileType[f"MOSTLY_{out_type.upper()}"])
+    sd = quant_model.state_dict()
+    w, t = _dequant(reader, "blk.0.ffn_down.weight")
+    assert t == out_type.upper() and tuple(w.shape) == tuple(sd["model.layers.0.mlp.down_proj.weight"].shape)
+    assert _dequant(reader, "blk.0.attn_norm.weight")[1] == "F32"
+    assert _dequant(reader, "token_embd.weight")[1] == "Q8_0"  # the tied output matrix: see EMBEDDING_TYPE
+    if out_type in QUANT_ERRORS:
+        ref = sd["model.layers.0.mlp.down_proj.weight"]
+        rel = float((w - ref).abs().mean() / ref.abs().mean())
+        assert rel < QUANT_ERRORS[out_type], rel
+
+
+def test_tiny_rows_fall_back_as_llama_cpp(bpe_dir, tmp_path):
+    """tiny(): rows of 64 and 160 inputs hold no 256-block, so the ternary types fall back to Q4_0 (32 divides both)."""
+    path = export_model(build_model(tiny(vocab_size=512)), bpe_dir, tmp_path / "t.gguf", "tq2_0")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+    assert types["blk.0.attn_q.weight"] == "Q4_0" and types["blk.0.ffn_down.weight"] == "Q4_0"
+
+
+@pytest.mark.parametrize("out_type", ["tq1_0", "tq2_0"])
+def test_ternary_weights_round_trip_ternary_types(bpe_dir, tmp_path, out_type):
+    """Ternary weights with one scale per 256-input block (what TQ1_0/TQ2_0 store) come back to fp16 scale
+    precision; our per-group ternary with smaller groups is only approximated by one scale per 256 (measured)."""
+    from minicpm4.quant import TernaryQATConfig, quantize_
+    from minicpm4.quant.linear import dense_weight
+
+    model = build_model(tiny(**QUANT_CONFIG), seed=4)
+    quantize_(model, TernaryQATConfig(step="convert", group_size=256))
+    path = export_model(model, bpe_dir, tmp_path / "t.gguf", out_type)
+    reader = gguf.GGUFReader(path)
+    ours = dense_weight(model.model.layers[1].mlp.gate_proj)
+    back, t = _dequant(reader, "blk.1.ffn_gate.weight")
+    assert t == out_type.upper()
+    assert torch.allclose(back, ours, rtol=2e-3, atol=1e-6), float((back - ours).abs().max())
+
+    model64 = build_model(tiny(**QUANT_CONFIG), seed=4)
+    quantize_(model64, TernaryQATConfig(step="convert", group_size=64))
+    path = export_model(model64, bpe_dir, tmp_path / "t64.gguf", out_type)
+    ours = dense_weight(model64.model.layers[1].mlp.gate_proj)
+    back, _ = _dequant(gguf.GGUFReader(path), "blk.1.ffn_gate.weight")
+    rel = float((back - ours).norm() / ours.norm())
+    assert 0 < rel < 0.6, rel  # per-64 scales squeezed into one per 256: an approximation, not exact
+
+
+def test_quantized_folder_exports(bpe_dir, tmp_path):
+    """A packed INT4 folder exports from its dequantized weights."""
+    import shutil
+
+    from minicpm4.checkpoint import save_model
+    from minicpm4.quant import Int4WeightOnlyConfig, quantize_
+
+    model = build_model(tiny(**QUANT_CONFIG), seed=5)
+    quantize_(model, Int4WeightOnlyConfig(group_size=32))
+    folder = save_model(model, tmp_path / "q")
+    for f in bpe_dir.iterdir():
+        shutil.copy(f, folder / f.name)
+    path = export_model_dir(folder, tmp_path / "q.gguf", "q8_0")
+    w, _ = _dequant(gguf.GGUFReader(path), "blk.0.ffn_up.weight")
+    ref = model.model.layers[0].mlp.up_proj.dequantize()
+    assert float((w - ref).abs().mean() / ref.abs().mean()) < QUANT_ERRORS["q8_0"]
+
+
+def test_convert_without_gguf_is_one_line(monkeypatch, capsys, tmp_path):
+    import minicpm4.export.gguf as gguf_module
+    from minicpm4.checkpoint import save_model
+    from minicpm4.cli import main
+
+    save_model(build_model(tiny(vocab_size=512)), tmp_path / "m")
+    monkeypatch.setattr(gguf_module, "gguf", None)  # as when the import failed
+    assert main(["convert", str(tmp_path / "m"), "--to", "gguf", "--outtype", "q4_0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["minicpm4 convert: error: GGUF export needs the 'gguf' package: pip install 'minicpm4[gguf]'"]
 
 
 def test_bad_tensors_leave_no_file(bpe_dir, tmp_path):

@@ -36,7 +36,16 @@ from minicpm4.io import atomic_path
 logger = logging.getLogger(__name__)
 
 ARCH = "minicpm"
-OUT_TYPES = ("f32", "bf16")
+OUT_TYPES = ("f32", "bf16", "q8_0", "q4_0", "tq1_0", "tq2_0")
+# Quantized file types (llama.cpp's ftype names): every 2-D weight in the type, except as below.
+QUANT_TYPES = {"q8_0": "Q8_0", "q4_0": "Q4_0", "tq1_0": "TQ1_0", "tq2_0": "TQ2_0"}
+# The token embedding (also the output matrix of a tied MiniCPM4): llama.cpp's quantize gives the output Q6_K in
+# Q4_0 and ternary files (its most sensitive matrix); gguf-py has no Q6_K quantizer, so Q8_0 here: more bytes than
+# llama.cpp's own file, never less precision. Q8_0 files keep it Q8_0.
+EMBEDDING_TYPE = "Q8_0"
+# A row length the type's block does not divide falls back as llama.cpp's quantize does: the ternary types to
+# Q4_0 where 32 divides the row, anything else to F16.
+FALLBACK = {"TQ1_0": "Q4_0", "TQ2_0": "Q4_0"}
 
 try:  # gguf is an optional dependency (llama.cpp interop); fail on use, not on import.
     import gguf
@@ -46,8 +55,23 @@ except ImportError:  # pragma: no cover - exercised only without the package
 
 def _require_gguf():
     if gguf is None:
-        raise ImportError("GGUF export needs the `gguf` package: pip install gguf")
+        from minicpm4.errors import MissingDependency
+
+        raise MissingDependency("GGUF export", "gguf", "gguf")
     return gguf
+
+
+def tensor_type(gguf_name: str, shape: tuple[int, ...], out_type: str) -> str:
+    """The GGML type name a tensor is written in for a quantized out_type (rules above QUANT_TYPES)."""
+    if len(shape) == 1:
+        return "F32"
+    wanted = EMBEDDING_TYPE if gguf_name.startswith(("token_embd", "output.")) else QUANT_TYPES[out_type]
+    row = shape[-1]  # [out, in]: blocks run along the input dimension
+    while row % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[wanted]][0]:
+        wanted = FALLBACK.get(wanted, "F16")
+        if wanted == "F16":
+            break
+    return wanted
 
 
 # ---- weights ------------------------------------------------------------------------------------
@@ -380,10 +404,15 @@ def _write_metadata(w, config: MiniCPMConfig, vocab: _Vocab, rope: _RopePlan, fi
         w.add_chat_template(template)
 
 
-def _to_numpy(t: torch.Tensor, bf16: bool) -> np.ndarray:
-    if bf16:  # round-to-nearest-even, stored as raw uint16 (numpy has no bfloat16)
+def _encode(t: torch.Tensor, type_name: str) -> np.ndarray:
+    """A float tensor as the bytes of GGML type `type_name` (quantized with gguf-py's reference quantizers)."""
+    if type_name == "F32":
+        return t.numpy()
+    if type_name == "BF16":  # round-to-nearest-even, stored as raw uint16 (numpy has no bfloat16)
         return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-    return t.numpy()
+    if type_name == "F16":
+        return t.to(torch.float16).numpy().view(np.uint8)
+    return gguf.quants.quantize(t.numpy(), gguf.GGMLQuantizationType[type_name])
 
 
 def export_gguf(config: MiniCPMConfig, tensors: Mapping[str, torch.Tensor], tokenizer_dir: str | Path,
@@ -401,11 +430,12 @@ def export_gguf(config: MiniCPMConfig, tensors: Mapping[str, torch.Tensor], toke
     _require_gguf()
     out_type = out_type.lower() if isinstance(out_type, str) else out_type
     if out_type not in OUT_TYPES:
-        raise ValueError(f"out_type must be one of {', '.join(OUT_TYPES)} (quantized types come later), got {out_type!r}")
+        raise ValueError(f"out_type must be one of {', '.join(OUT_TYPES)}, got {out_type!r}")
     if config.sparse_config is not None:
         warnings.warn("llama.cpp has no InfLLM v2: the GGUF runs the same weights with dense attention", stacklevel=2)
     bf16 = out_type == "bf16"
-    file_type = gguf.LlamaFileType.MOSTLY_BF16 if bf16 else gguf.LlamaFileType.ALL_F32
+    file_type = (gguf.LlamaFileType.MOSTLY_BF16 if bf16 else gguf.LlamaFileType.ALL_F32) if out_type not in QUANT_TYPES \
+        else gguf.LlamaFileType[f"MOSTLY_{QUANT_TYPES[out_type]}"]
     tokenizer_dir, out_path = Path(tokenizer_dir), Path(out_path)
 
     _check_tensor_names(config, tensors)
@@ -415,19 +445,22 @@ def export_gguf(config: MiniCPMConfig, tensors: Mapping[str, torch.Tensor], toke
 
     writer = gguf.GGUFWriter(path=None, arch=ARCH)
     _write_metadata(writer, config, vocab, rope, int(file_type), name, tokenizer_dir)
-    for p in plan:
-        as_bf16 = bf16 and not p.keep_f32
-        dtype, raw = (np.uint16, gguf.GGMLQuantizationType.BF16) if as_bf16 else (np.float32, None)
-        writer.add_tensor_info(p.gguf_name, p.shape, np.dtype(dtype), math.prod(p.shape) * np.dtype(dtype).itemsize,
-                               raw_dtype=raw)
+    types = [tensor_type(p.gguf_name, p.shape, out_type) if out_type in QUANT_TYPES
+             else ("BF16" if bf16 and not p.keep_f32 else "F32") for p in plan]
+    for p, t in zip(plan, types):
+        qtype = gguf.GGMLQuantizationType[t]
+        block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        nbytes = math.prod(p.shape) // block * type_size
+        # The element shape with a raw type (a uint8 dtype would make gguf-py read the shape as bytes).
+        writer.add_tensor_info(p.gguf_name, p.shape, np.dtype(np.float32), nbytes, raw_dtype=None if t == "F32" else qtype)
 
     with atomic_path(out_path) as tmp:
         try:
             writer.write_header_to_file(path=tmp)
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
-            for p in plan:  # streamed in plan order, the order of the tensor infos
-                writer.write_tensor_data(_to_numpy(p.source(), bf16 and not p.keep_f32))
+            for p, t in zip(plan, types):  # streamed in plan order, the order of the tensor infos
+                writer.write_tensor_data(_encode(p.source(), t))
         finally:
             writer.close()
     logger.info("wrote %s (%s, %d tensors)", out_path, out_type, len(plan))
@@ -436,8 +469,27 @@ def export_gguf(config: MiniCPMConfig, tensors: Mapping[str, torch.Tensor], toke
 
 def export_model(model: torch.nn.Module, tokenizer_dir: str | Path, out_path: str | Path, out_type: str = "f32",
                  **kwargs) -> Path:
-    """Export an in-memory `MiniCPMForCausalLM` (its state dict carries the HF names)."""
-    return export_gguf(model.config, model.state_dict(), tokenizer_dir, out_path, out_type, **kwargs)
+    """Export an in-memory `MiniCPMForCausalLM` (its state dict carries the HF names). Packed or fake-quantized
+    linears (minicpm4.quant) are written from the float weights they compute with (quant.dense_weight)."""
+    return export_gguf(model.config, dense_state_dict(model), tokenizer_dir, out_path, out_type, **kwargs)
+
+
+def dense_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """HF name -> float tensor for every weight, linears read through dense_weight (an INT4 / ternary model's
+    dequantized weights); a packed head of a tied model is dropped (llama.cpp reads the tied embedding)."""
+    from minicpm4.quant.linear import FakeTernaryLinear, QuantLinearBase, dense_weight
+
+    out = {}
+    packed = {name: m for name, m in model.named_modules() if isinstance(m, (QuantLinearBase, FakeTernaryLinear))}
+    for name, t in model.state_dict().items():
+        owner = name.rpartition(".")[0]
+        if owner not in packed:
+            out[name] = t
+    for name, m in packed.items():
+        if name == "lm_head" and model.config.tie_word_embeddings:
+            continue
+        out[f"{name}.weight"] = dense_weight(m)
+    return out
 
 
 # ---- a checkpoint folder ------------------------------------------------------------------------
@@ -476,7 +528,14 @@ def _safetensors_files(model_dir: Path) -> list[Path]:
 
 def export_model_dir(model_dir: str | Path, out_path: str | Path, out_type: str = "f32", **kwargs) -> Path:
     """Export a HF-layout folder (config.json, *.safetensors, tokenizer files) to GGUF."""
+    from minicpm4.quant.format import read_quantization, with_quantize_config
+
     model_dir = Path(model_dir)
-    config = MiniCPMConfig.from_json(model_dir / "config.json")
+    config = with_quantize_config(MiniCPMConfig.from_json(model_dir / "config.json"), model_dir)
+    if read_quantization(config) is not None:  # a packed folder: its dequantized weights, then quantized again
+        from minicpm4.checkpoint import load_model
+
+        _require_gguf()
+        return export_model(load_model(model_dir, dtype=torch.float32), model_dir, out_path, out_type, **kwargs)
     tensors = _SafetensorsMapping(_safetensors_files(model_dir))
     return export_gguf(config, tensors, model_dir, out_path, out_type, **kwargs)
