@@ -5,9 +5,9 @@ TernaryLinear  2-bit codes + per-group scales (ternary.py).
 FakeTernaryLinear  the QAT module: a float weight, ternarised in the forward with the straight-through estimator.
 
 Forward, by what the input allows (each path tested against `dequantize()` + F.linear):
-  kernel   CPU, at most kernels.MAX_ROWS rows, the C++ kernel built: integer dot products on the packed codes
-           (minicpm4/quant/kernels.py), the decode path.
-  int4pack CPU bf16/fp32 (Int4Linear): PyTorch's `_weight_int4pack_mm_for_cpu` with bf16 activations, the prefill path.
+  kernel   CPU with AVX512-VNNI, group size a multiple of 64: integer dot products on the packed codes with int8
+           activations (minicpm4/quant/kernels.py), for every row count (faster than int4pack at 1..512 rows).
+  int4pack CPU bf16/fp32 (Int4Linear) without the kernel: PyTorch's `_weight_int4pack_mm_for_cpu`, bf16 activations.
   dequant  anything else (other devices, fp16): the float weight rebuilt per call, then F.linear.
 """
 
@@ -61,7 +61,8 @@ class QuantLinearBase(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         k = _kernels() if x.device.type == "cpu" else None
-        if k is not None and 0 < x2.shape[0] <= k.MAX_ROWS and x.dtype in (torch.float32, torch.bfloat16):
+        if (k is not None and 0 < x2.shape[0] <= k.MAX_ROWS and x.dtype in (torch.float32, torch.bfloat16)
+                and self.group_size % k.CHUNK == 0):
             y = k.linear(x2.contiguous(), self.kernel_weight())
         else:
             y = self._torch_forward(x2)

@@ -30,13 +30,16 @@ CONFIGS = {
     "int4-asym-fp32": (torch.float32, Int4WeightOnlyConfig(group_size=16, sym=False)),
     "ternary-head": (torch.float32, TernaryQATConfig(step="convert", group_size=16, lm_head=True)),
     "ternary-bf16": (torch.bfloat16, TernaryQATConfig(step="convert", group_size=32)),
+    # groups of 64: decode steps and small chunks take the C++ kernel (quant/kernels.py) where it is built
+    "int4-kernel": (torch.float32, Int4WeightOnlyConfig(group_size=64, lm_head=True)),
+    "ternary-kernel-bf16": (torch.bfloat16, TernaryQATConfig(step="convert", group_size=64)),
 }
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
 def quantized(request):
     dtype, config = CONFIGS[request.param]
-    model = build_model(tiny(initializer_range=0.3), seed=4, dtype=dtype).eval()
+    model = build_model(tiny(initializer_range=0.3, intermediate_size=192), seed=4, dtype=dtype).eval()
     calib = [torch.tensor(p) for p in prompts_of([32] * 4, seed=9)]
     quantize_(model, config, calibration=calib)
     return model, [o.token_ids for o in generate(model, PROMPTS, GREEDY)]
