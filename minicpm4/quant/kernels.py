@@ -12,9 +12,10 @@ xq = round(x / s_x) (W4A8 / W1.58A8 dynamic, as llama.cpp's Q4_0 x Q8_0 and TQ2_
 
 Layouts (built by pack_int4 / pack_ternary from the module's codes), per output row, in chunks of 64 inputs:
     INT4     32 bytes: byte j = q[k0 + j] | q[k0 + 32 + j] << 4
-    ternary  16 bytes: byte j = (c + 1) of k0 + j, k0 + 16 + j, k0 + 32 + j, k0 + 48 + j at bits 0, 2, 4, 6
-so one 256-bit load (INT4) or a 128-bit load shifted twice (ternary) gives codes in input order. Group sizes must be
-multiples of 64. `reference_linear` is the same arithmetic in PyTorch (the kernel's test oracle); against the float
+    ternary  32 bytes per 128 inputs: byte j = (c + 1) of k0 + j, k0 + 32 + j, k0 + 64 + j, k0 + 96 + j at bits 0/2/4/6
+so one 256-bit load, a shift and two masks give 64 codes in input order for either format (a first ternary layout
+of 16 bytes per 64 inputs needed a 128-bit insert per chunk and ran 2.6x slower than INT4 at 16 rows). Group sizes
+must be multiples of 64 (ternary rows: multiples of 128 inputs). `reference_linear` is the same arithmetic in PyTorch (the kernel's test oracle); against the float
 dequantized weight the activation rounding adds a relative error of ~0.3% (measured in tests/quant/test_kernels.py).
 """
 
@@ -33,6 +34,7 @@ from minicpm4.attention import cpp_build
 # size, and one path for every M keeps decode and prefill numerics the same (engine == reference by construction).
 MAX_ROWS = 1 << 30
 CHUNK = 64
+TERNARY_BLOCK = 128  # inputs per 32-byte ternary block (four 2-bit planes of 32)
 
 _SOURCE = r"""
 #if !defined(__AVX512VNNI__) || !defined(__AVX512VL__)
@@ -91,12 +93,11 @@ static inline void unpack(const uint8_t* wr, int64_t k0, __m256i& lo, __m256i& h
         const __m256i v = _mm256_loadu_si256((const __m256i*)(wr + k0 / 2));
         lo = _mm256_and_si256(v, m4);
         hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m4);
-    } else {
+    } else {  // ternary: a 32-byte block holds 128 inputs; k0 % 128 selects its bit pair 0/2 or 4/6
         const __m256i m2 = _mm256_set1_epi8(0x03);
-        const __m128i b = _mm_loadu_si128((const __m128i*)(wr + k0 / 4));
-        const __m256i v = _mm256_set_m128i(_mm_srli_epi16(b, 2), b);
+        const __m256i v = _mm256_srli_epi16(_mm256_loadu_si256((const __m256i*)(wr + (k0 / 128) * 32)), (int)(k0 % 128) / 16);
         lo = _mm256_and_si256(v, m2);
-        hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), m2);
+        hi = _mm256_and_si256(_mm256_srli_epi16(v, 2), m2);
     }
 }
 
@@ -236,7 +237,9 @@ def pack_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, gr
 def pack_ternary(codes: torch.Tensor, scales: torch.Tensor, group_size: int) -> PackedWeight:
     N, K = codes.shape
     _check(K, group_size)
-    c = (codes.to(torch.int16) + 1).to(torch.uint8).reshape(N, K // CHUNK, 4, 16)
+    if K % TERNARY_BLOCK:
+        raise ValueError(f"the packed ternary kernel needs in_features a multiple of {TERNARY_BLOCK}, got {K}")
+    c = (codes.to(torch.int16) + 1).to(torch.uint8).reshape(N, K // TERNARY_BLOCK, 4, 32)
     data = (c[:, :, 0] | (c[:, :, 1] << 2) | (c[:, :, 2] << 4) | (c[:, :, 3] << 6)).reshape(N, K // 4).contiguous()
     s = scales.float().contiguous()
     return PackedWeight(1, data, s, torch.zeros(0), N, K, group_size, None)

@@ -47,8 +47,8 @@ class QuantLinearBase(nn.Module):
         k = _kernels()
         if k is None:
             return None
-        if getattr(self, "_kernel_weight", None) is None:
-            self._kernel_weight = self._pack_for_kernel(k)
+        if not getattr(self, "_kernel_packed", False):  # packed once; None stays None (a shape it cannot take)
+            self._kernel_weight, self._kernel_packed = self._pack_for_kernel(k), True
         return self._kernel_weight
 
     def _pack_for_kernel(self, k):
@@ -61,9 +61,10 @@ class QuantLinearBase(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         k = _kernels() if x.device.type == "cpu" else None
-        if (k is not None and 0 < x2.shape[0] <= k.MAX_ROWS and x.dtype in (torch.float32, torch.bfloat16)
-                and self.group_size % k.CHUNK == 0):
-            y = k.linear(x2.contiguous(), self.kernel_weight())
+        packed = (self.kernel_weight() if k is not None and 0 < x2.shape[0] <= k.MAX_ROWS
+                  and x.dtype in (torch.float32, torch.bfloat16) and self.group_size % k.CHUNK == 0 else None)
+        if packed is not None:
+            y = k.linear(x2.contiguous(), packed)
         else:
             y = self._torch_forward(x2)
         return y.reshape(*shape[:-1], self.out_features)
@@ -173,6 +174,8 @@ class TernaryLinear(QuantLinearBase):
         return ternary.dequantize_ternary(self.codes(), self.scales).to(dtype)
 
     def _pack_for_kernel(self, k):
+        if self.in_features % k.TERNARY_BLOCK:
+            return None
         return k.pack_ternary(self.codes(), self.scales.float(), self.group_size)
 
 

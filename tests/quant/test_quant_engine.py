@@ -10,7 +10,7 @@ from minicpm4.config import tiny
 from minicpm4.engine import EngineConfig, LLMEngine, SamplingParams
 from minicpm4.generate import generate
 from minicpm4.model import build_model
-from minicpm4.quant import GPTQConfig, Int4WeightOnlyConfig, TernaryQATConfig, quantize_
+from minicpm4.quant import GPTQConfig, Int4WeightOnlyConfig, TernaryQATConfig, kernels, quantize_
 
 GREEDY = SamplingParams(max_new_tokens=10, ignore_eos=True)
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -30,18 +30,23 @@ CONFIGS = {
     "int4-asym-fp32": (torch.float32, Int4WeightOnlyConfig(group_size=16, sym=False)),
     "ternary-head": (torch.float32, TernaryQATConfig(step="convert", group_size=16, lm_head=True)),
     "ternary-bf16": (torch.bfloat16, TernaryQATConfig(step="convert", group_size=32)),
-    # groups of 64: decode steps and small chunks take the C++ kernel (quant/kernels.py) where it is built
+    # groups of 64: every forward takes the C++ kernel (quant/kernels.py) where it is built
     "int4-kernel": (torch.float32, Int4WeightOnlyConfig(group_size=64, lm_head=True)),
-    "ternary-kernel-bf16": (torch.bfloat16, TernaryQATConfig(step="convert", group_size=64)),
+    "ternary-kernel": (torch.float32, TernaryQATConfig(step="convert", group_size=64)),
 }
+# The ternary kernel takes rows of whole 128-input blocks: that case runs on a wider tiny model.
+WIDE = dict(hidden_size=128, num_attention_heads=8, num_key_value_heads=4, intermediate_size=256)
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
 def quantized(request):
     dtype, config = CONFIGS[request.param]
-    model = build_model(tiny(initializer_range=0.3, intermediate_size=192), seed=4, dtype=dtype).eval()
+    shape = WIDE if request.param == "ternary-kernel" else dict(intermediate_size=192)
+    model = build_model(tiny(initializer_range=0.3, **shape), seed=4, dtype=dtype).eval()
     calib = [torch.tensor(p) for p in prompts_of([32] * 4, seed=9)]
     quantize_(model, config, calibration=calib)
+    if request.param.endswith("-kernel") and kernels.available():  # the case is there to run the kernel
+        assert model.model.layers[0].mlp.down_proj.kernel_weight() is not None
     return model, [o.token_ids for o in generate(model, PROMPTS, GREEDY)]
 
 
