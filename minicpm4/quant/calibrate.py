@@ -123,6 +123,6 @@ def gptq_layers(model: MiniCPMForCausalLM, calibration: Iterable[torch.Tensor], 
                 reports.append(LayerReport(name, output_error(W[rows], Wq[rows], used.H)))
                 reports.append(LayerReport(name + " (all tokens)", output_error(W[rows], Wq[rows], every.H)))
                 _set(layer, path, Int4Linear.from_codes(res.codes[rows], res.scales[rows], res.zeros[rows],
-                                                        res.g_idx, config.group_size, dtype))
+                                                        res.g_idx.clone(), config.group_size, dtype))
         hidden = runner.run(layer, hidden)  # the quantized layer's output feeds the next layer
     return reports
