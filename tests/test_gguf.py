@@ -369,7 +369,8 @@ def test_ternary_weights_round_trip_ternary_types(bpe_dir, tmp_path, out_type):
     ours = dense_weight(model64.model.layers[1].mlp.gate_proj)
     back, _ = _dequant(gguf.GGUFReader(path), "blk.1.ffn_gate.weight")
     rel = float((back - ours).norm() / ours.norm())
-    assert 0 < rel < 0.6, rel  # per-64 scales squeezed into one per 256: an approximation, not exact
+    # Per-64 scales squeezed into one per 256: an approximation, not exact (measured 0.135; 0.069 at group 128).
+    assert 0.05 < rel < 0.25, rel
 
 
 def test_quantized_folder_exports(bpe_dir, tmp_path):
@@ -577,3 +578,51 @@ def test_llama_cpp_tokenizes_bpe_like_tokenizers(bpe_export, bpe_dir, tmp_path):
             assert llm.tokenize(text.encode(), add_bos=False, special=True) == tok.encode(text).ids, text
     finally:
         llm.close()
+
+
+def model_from_gguf(path: Path, config):
+    """Our model holding a GGUF file's dequantized weights (q/k rows back to rotate-half order)."""
+    from minicpm4.export.gguf import gguf_name_map
+
+    reader = gguf.GGUFReader(path)
+    sd = {}
+    for hf_name, gguf_name in gguf_name_map(config).items():
+        w, _ = _dequant(reader, gguf_name)
+        if hf_name.endswith("q_proj.weight"):
+            w = unpermute_qk(w, config.num_attention_heads)
+        elif hf_name.endswith("k_proj.weight"):
+            w = unpermute_qk(w, config.num_key_value_heads)
+        sd[hf_name] = w
+    model = build_model(config).eval()
+    model.load_state_dict(sd, strict=False)  # a tied model has no lm_head.weight to load
+    return model
+
+
+# llama.cpp on a quantized file vs our fp32 model on the same (dequantized) weights: what remains is ggml quantizing
+# the activations to 8 bits before each quantized matmul (Q8_0 blocks of 32 for Q8_0 / Q4_0 weights and the Q8_0
+# head, Q8_K blocks of 256 for TQ1_0 / TQ2_0). Measured (relative to max|logit|): Q8_0 1.2e-2, Q4_0 1.3e-2, TQ*
+# 5.4e-3 (the Q8_0 file's dequantized weights written as F32 agree to 9.5e-7, so this is ggml's 8-bit compute);
+# real mistakes on the same files measured >= 4.8e-2 (swapped LongRoPE factors, no LongRoPE).
+QUANT_PARITY = {"q8_0": 2.5e-2, "q4_0": 2.5e-2, "tq1_0": 1.5e-2, "tq2_0": 1.5e-2}
+
+
+@pytest.mark.parametrize("out_type", list(QUANT_PARITY))
+def test_llama_cpp_logits_quantized(out_type, bpe_dir, tmp_path):
+    """Q8_0 / Q4_0 files of a float model, TQ1_0 / TQ2_0 files of a ternary model (one scale per 256 inputs)."""
+    _llama_cpp()
+    config = tiny(**QUANT_CONFIG)
+    model = build_model(config, seed=3).eval()
+    if out_type.startswith("tq"):
+        from minicpm4.quant import TernaryQATConfig, quantize_
+
+        quantize_(model, TernaryQATConfig(step="convert", group_size=256))
+    path = export_model(model, bpe_dir, tmp_path / f"m-{out_type}.gguf", out_type)
+    tokens = _tokens(config, 48)
+    ref = llama_cpp_logits(path, tokens, 512)
+    abs_err, rel = errors(_ours(model_from_gguf(path, config), tokens), ref)
+    src_abs, src_rel = errors(_ours(model, tokens), ref)
+    print(f"\n[gguf {out_type}] max|logit| {float(ref.abs().max()):.3f} vs ours on the file's weights: max abs "
+          f"{abs_err:.3e} rel {rel:.3e}; vs the source model: max abs {src_abs:.3e} rel {src_rel:.3e}")
+    assert rel < QUANT_PARITY[out_type], (abs_err, rel)
+    if out_type.startswith("tq"):  # exact ternary: the file is the model, so llama.cpp runs our ternary model
+        assert src_rel < QUANT_PARITY[out_type], (src_abs, src_rel)

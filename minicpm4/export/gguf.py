@@ -43,9 +43,14 @@ QUANT_TYPES = {"q8_0": "Q8_0", "q4_0": "Q4_0", "tq1_0": "TQ1_0", "tq2_0": "TQ2_0
 # Q4_0 and ternary files (its most sensitive matrix); gguf-py has no Q6_K quantizer, so Q8_0 here: more bytes than
 # llama.cpp's own file, never less precision. Q8_0 files keep it Q8_0.
 EMBEDDING_TYPE = "Q8_0"
-# A row length the type's block does not divide falls back as llama.cpp's quantize does: the ternary types to
-# Q4_0 where 32 divides the row, anything else to F16.
+# A row length the type's block does not divide falls back as llama.cpp's quantize does (`tensor_type_fallback`):
+# the ternary types (256-blocks) to Q4_0 where 32 divides the row, else F16. llama.cpp defines no fallback for
+# Q8_0 / Q4_0 and refuses the model; we write F16 there, the type it takes when its own fallback still does not fit.
 FALLBACK = {"TQ1_0": "Q4_0", "TQ2_0": "Q4_0"}
+# TQ1_0 / TQ2_0 store codes in {-1, 0, +1} and ONE fp16 scale per 256 inputs (gguf-py quantizes with scale = max|x|
+# of the block). A ternary model with one scale per 256 inputs round-trips to fp16 precision; per-group scales of
+# smaller groups (BitCPM's 64 / 128) are only approximated (measured in tests/test_gguf.py: relative error 0.07 at
+# group 128, 0.14 at 64); float (non-ternary) weights lose most of their information in these types.
 
 try:  # gguf is an optional dependency (llama.cpp interop); fail on use, not on import.
     import gguf
@@ -423,8 +428,12 @@ def export_gguf(config: MiniCPMConfig, tensors: Mapping[str, torch.Tensor], toke
     tensors: HF names (`model.layers.0.self_attn.q_proj.weight`, ...), any float dtype; loaded one at
     a time while writing, so a lazy mapping keeps memory at one tensor. tokenizer_dir: holds
     `tokenizer.model` (SentencePiece -> `llama` vocab) or `tokenizer.json` (byte-level BPE -> `gpt2`),
-    plus `tokenizer_config.json` (chat template, add_bos). out_type: "f32" or "bf16" (2-D weights in
-    BF16; norms and RoPE factors stay F32). bpe_pre: llama.cpp pre-tokenizer name for BPE tokenizers
+    plus `tokenizer_config.json` (chat template, add_bos). out_type: one of OUT_TYPES: "f32", "bf16" (2-D
+    weights in BF16), or a llama.cpp quantized type "q8_0", "q4_0", "tq1_0", "tq2_0" (2-D weights in that type, the
+    embedding / tied output Q8_0, llama.cpp's fallbacks for rows the block does not divide: `tensor_type`); norms
+    and RoPE factors stay F32 in every type. The ternary types keep one scale per 256 inputs: ternary weights with
+    smaller scale groups are approximated, not reproduced (see FALLBACK's note). Quantized tensor by tensor, after
+    the q/k permutation. bpe_pre: llama.cpp pre-tokenizer name for BPE tokenizers
     that are not plain GPT-2 byte-level.
     """
     _require_gguf()
@@ -474,22 +483,38 @@ def export_model(model: torch.nn.Module, tokenizer_dir: str | Path, out_path: st
     return export_gguf(model.config, dense_state_dict(model), tokenizer_dir, out_path, out_type, **kwargs)
 
 
-def dense_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def dense_state_dict(model: torch.nn.Module) -> Mapping[str, torch.Tensor]:
     """HF name -> float tensor for every weight, linears read through dense_weight (an INT4 / ternary model's
-    dequantized weights); a packed head of a tied model is dropped (llama.cpp reads the tied embedding)."""
+    dequantized weights); a packed head of a tied model is dropped (llama.cpp reads the tied embedding).
+    Lazy: a packed linear is dequantized when the writer reaches it, so memory stays at one float tensor."""
     from minicpm4.quant.linear import FakeTernaryLinear, QuantLinearBase, dense_weight
 
-    out = {}
+    loaders: dict[str, Callable[[], torch.Tensor]] = {}
     packed = {name: m for name, m in model.named_modules() if isinstance(m, (QuantLinearBase, FakeTernaryLinear))}
     for name, t in model.state_dict().items():
-        owner = name.rpartition(".")[0]
-        if owner not in packed:
-            out[name] = t
+        if name.rpartition(".")[0] not in packed:
+            loaders[name] = lambda t=t: t
     for name, m in packed.items():
         if name == "lm_head" and model.config.tie_word_embeddings:
             continue
-        out[f"{name}.weight"] = dense_weight(m)
-    return out
+        loaders[f"{name}.weight"] = lambda m=m: dense_weight(m)
+    return _LazyTensors(loaders)
+
+
+class _LazyTensors(Mapping[str, torch.Tensor]):
+    """Read-only name -> tensor view whose values are computed when indexed."""
+
+    def __init__(self, loaders: dict[str, Callable[[], torch.Tensor]]) -> None:
+        self._loaders = loaders
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._loaders[key]()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._loaders)
+
+    def __len__(self) -> int:
+        return len(self._loaders)
 
 
 # ---- a checkpoint folder ------------------------------------------------------------------------
