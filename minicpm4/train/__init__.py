@@ -1,4 +1,4 @@
-"""Training: pretraining (muP + WSD + MTP), long-context (LongRoPE, optional InfLLM v2), SFT.
+"""Training: pretraining (muP + WSD + MTP), long-context (LongRoPE, optional InfLLM v2), SFT, ternary QAT.
 
     from minicpm4.train import TrainConfig, train, stages
     model_cfg, cfg = stages.pretrain(tiny(), out_dir="runs/x", steps=100)
@@ -7,7 +7,8 @@
 Modules: schedule (WSD), mup (init + LR groups, SP switch), mtp (MTP head), losses (token-normalised CE),
 data (packed token windows, resumable sampling), sft_data (ChatML + assistant-only mask, packing),
 checkpointing (atomic, DCP-sharded), distributed (DDP/FSDP2),
-metrics (MFU, JSONL, plot, progress), trainer (the loop), stages (presets), cli (`minicpm4 train ...`).
+metrics (MFU, JSONL, plot, progress), trainer (the loop), stages (presets), qat (BitCPM4 ternary QAT hooks),
+cli (`minicpm4 train ...`).
 Heavy imports stay in the submodules; this package imports nothing at load time.
 """
 

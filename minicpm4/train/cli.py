@@ -1,4 +1,4 @@
-"""`minicpm4 train pretrain | long | sft`: thin wrappers over stages.* and trainer.train.
+"""`minicpm4 train pretrain | long | sft | qat`: thin wrappers over stages.* and trainer.train.
 
 The same command runs under `torchrun --nproc_per_node N minicpm4 train ...` (DDP by default, --parallel
 fsdp for FSDP2). Each run folder holds metrics.jsonl, loss.png, checkpoints/ and, at the end, final/ (a
@@ -21,6 +21,7 @@ TRAIN_FLAGS = {
     "warmup": "warmup_steps", "decay": "decay_steps", "decay_shape": "decay_shape", "min_lr_ratio": "min_lr_ratio",
     "weight_decay": "weight_decay", "grad_clip": "grad_clip", "mtp_weight": "mtp_weight", "dtype": "dtype",
     "parametrization": "parametrization", "seed": "seed", "eval_batches": "eval_batches",
+    "group_size": "qat_group_size",  # qat only (flags a stage lacks are skipped)
 }
 # fields a resumed run may change freely. steps and decay_steps too: WSD's point is that a checkpoint from the
 # stable phase can be continued into a longer run with its own decay (the LR is the same until the decay begins).
@@ -29,7 +30,7 @@ RESUME_FREE = ("out_dir", "steps", "decay_steps", "parallel", "device", "eval_ev
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="pretrain, long-context and SFT training (also under torchrun)")
+    p = sub.add_parser("train", help="pretrain, long-context, SFT and ternary QAT training (also under torchrun)")
     stages = p.add_subparsers(dest="stage", metavar="STAGE")
     stages.required = True
 
@@ -66,6 +67,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--val-data", default=None, metavar="JSONL", help="validation conversations")
     _common(s)
     s.set_defaults(func=cmd_sft)
+
+    s = stages.add_parser("qat", help="BitCPM4 ternary quantization-aware training from a high-precision model",
+                          description="Ternary QAT (BitCPM4): start from --init, fake-quantize every decoder linear "
+                          "(per-group absmean ternary, straight-through gradient), train with a fresh LR warmup "
+                          "(default LR 5e-3), write RUN_DIR/final as the packed ternary model. Length: --steps, "
+                          "--tokens, or by default 2x the decay-phase tokens of the run that wrote --init.")
+    s.add_argument("--init", required=True, metavar="MODEL_DIR",
+                   help="high-precision HF model folder or a training run folder")
+    s.add_argument("--data", required=True, metavar="DIR",
+                   help="token-shard folder (val.bin, when present, is evaluated)")
+    s.add_argument("--group-size", type=int, default=None,
+                   help="input channels per ternary scale (default 64; must divide every linear's input size; "
+                        "0 = no quantizer: the same stage in float, a control run)")
+    s.add_argument("--tokens", type=int, default=None,
+                   help="training tokens instead of --steps (default: 2x the --init run's decay tokens)")
+    _common(s)
+    s.set_defaults(func=cmd_qat)
 
 
 def _common(s: argparse.ArgumentParser) -> None:
@@ -106,7 +124,7 @@ def _common(s: argparse.ArgumentParser) -> None:
 # ---- shared plumbing ---------------------------------------------------------------------------------
 
 def _overrides(args: argparse.Namespace) -> dict:
-    out = {field: getattr(args, flag) for flag, field in TRAIN_FLAGS.items() if getattr(args, flag) is not None}
+    out = {field: getattr(args, flag) for flag, field in TRAIN_FLAGS.items() if getattr(args, flag, None) is not None}
     out.update(out_dir=str(args.out), parallel=args.parallel, device=args.device, eval_every=args.eval_every,
                save_every=args.save_every, keep_last=args.keep, compile=args.compile, progress=not args.no_progress,
                peak_flops=None if args.peak_tflops is None else args.peak_tflops * 1e12)
@@ -137,7 +155,7 @@ def _resumed(args: argparse.Namespace, model_config, cfg):
             raise UserError(f"--{flag.replace('_', '-')} {given[field]} differs from the checkpoint's "
                             f"{getattr(saved, field)}; a resumed run keeps its settings")
     free = {k: v for k, v in dataclasses.asdict(cfg).items() if k in RESUME_FREE}
-    if args.steps is None:
+    if args.steps is None and getattr(args, "tokens", None) is None:
         free.pop("steps")
     if args.decay is None:  # never a preset's default: only an explicit --decay changes the saved schedule
         free.pop("decay_steps")
@@ -186,6 +204,15 @@ def _run(args, model_config, cfg, train_data, val_data=None, init_model=None, to
     cleanup(result.info)
 
 
+def _token_data(folder: str, seq_len: int):
+    """(train, val or None) token windows of a shard folder; val only when val.bin holds a window."""
+    from minicpm4.train.data import TokenWindows
+
+    train_data = TokenWindows.from_folder(folder, "train", seq_len)
+    val_data = TokenWindows.from_folder(folder, "val", seq_len) if (Path(folder) / "val.bin").is_file() else None
+    return train_data, (val_data if val_data is not None and len(val_data) else None)
+
+
 def _steps(args: argparse.Namespace) -> int:
     steps = 1000 if args.steps is None else args.steps
     if steps < 1:
@@ -198,7 +225,7 @@ def _steps(args: argparse.Namespace) -> int:
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from minicpm4.config import read_config
     from minicpm4.train import stages
-    from minicpm4.train.data import TokenWindows, read_meta
+    from minicpm4.train.data import read_meta
 
     meta = read_meta(args.data)
     if args.model_config in stages.MODEL_PRESETS or not Path(args.model_config).exists():
@@ -214,10 +241,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
             raise UserError(f"--model-config: vocab_size {model_config.vocab_size} < the data's {meta['vocab_size']}")
     overrides = _overrides(args)
     model_config, cfg = stages.pretrain(model_config, steps=_steps(args), **overrides)
-    train_data = TokenWindows.from_folder(args.data, "train", cfg.seq_len)
-    val_data = TokenWindows.from_folder(args.data, "val", cfg.seq_len) if (Path(args.data) / "val.bin").is_file() else None
-    if val_data is not None and len(val_data) == 0:
-        val_data = None
+    train_data, val_data = _token_data(args.data, cfg.seq_len)
     tok = meta.get("tokenizer")  # the folder as given to `minicpm4 data` (absolute, or relative to its cwd)
     candidates = [Path(args.data)] + ([Path(tok), Path(args.data) / tok] if isinstance(tok, str) else [])
     _run(args, model_config, cfg, train_data, val_data, tokenizer_dir=_tokenizer_dir(args, *candidates))
@@ -226,7 +250,6 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 def cmd_long(args: argparse.Namespace) -> None:
     from minicpm4.checkpoint import load_model
     from minicpm4.train import stages
-    from minicpm4.train.data import TokenWindows
 
     init_dir = _model_dir(args.init)
     init_model = load_model(init_dir, dtype=__import__("torch").float32)
@@ -245,10 +268,7 @@ def cmd_long(args: argparse.Namespace) -> None:
     model_config, cfg = stages.long_context(init_model.config, seq_len=seq_len, sparse=args.sparse or sparse_config is not None,
                                             steps=_steps(args), trained_len=args.trained_len,
                                             sparse_config=sparse_config, **overrides)
-    train_data = TokenWindows.from_folder(args.data, "train", cfg.seq_len)
-    val_data = TokenWindows.from_folder(args.data, "val", cfg.seq_len) if (Path(args.data) / "val.bin").is_file() else None
-    if val_data is not None and len(val_data) == 0:
-        val_data = None
+    train_data, val_data = _token_data(args.data, cfg.seq_len)
     _run(args, model_config, cfg, train_data, val_data, init_model, _tokenizer_dir(args, init_dir, Path(args.data)))
 
 
@@ -278,6 +298,49 @@ def cmd_sft(args: argparse.Namespace) -> None:
     print(f"sft data: {st.conversations} conversations -> {st.rows} rows of {cfg.seq_len + 1} tokens "
           f"({st.trained_tokens} trained tokens; {st.truncated} truncated, {st.dropped} dropped)", file=sys.stderr)
     _run(args, model_config, cfg, train_data, val_data, init_model, tokenizer_dir)
+
+
+def _qat_length(args: argparse.Namespace, init_dir: Path) -> dict:
+    """stages.qat's length keyword: --steps, --tokens, else 2x the decay tokens of the run that wrote init_dir."""
+    from minicpm4.train import qat
+    from minicpm4.train.checkpointing import latest_checkpoint
+
+    if args.steps is not None:
+        return {"steps": _steps(args)}
+    if args.tokens is not None:
+        if args.tokens < 1:
+            raise UserError(f"--tokens must be >= 1, got {args.tokens}")
+        return {"tokens": args.tokens}
+    tokens = qat.default_tokens(init_dir)
+    if tokens is not None:
+        print(f"qat: {tokens:,} tokens, {qat.TOKENS_PER_DECAY_TOKEN}x the decay-phase tokens of the run that wrote "
+              f"{init_dir}", file=sys.stderr)
+        return {"tokens": tokens}
+    if args.resume and latest_checkpoint(args.out) is not None:
+        return {"steps": 1}  # a placeholder: a resumed run keeps its checkpoint's steps (_resumed)
+    raise UserError(f"--init {args.init}: not the final model of a training run here, so its decay-phase tokens are "
+                    "unknown; pass --tokens N (BitCPM4: about 2x the decay tokens of the original run) or --steps N")
+
+
+def cmd_qat(args: argparse.Namespace) -> None:
+    import os
+
+    import torch
+
+    from minicpm4.checkpoint import load_model
+    from minicpm4.train import stages
+
+    init_dir = _model_dir(args.init)
+    init_model = load_model(init_dir, dtype=torch.float32)
+    if "quantization_config" in init_model.config.extra:
+        raise UserError(f"--init {init_dir} is already quantized "
+                        f"({init_model.config.extra['quantization_config'].get('quant_method')}); "
+                        "QAT starts from the high-precision model")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's; the token budget counts every rank's batch
+    model_config, cfg = stages.qat(init_model.config, world_size=world_size, **_qat_length(args, init_dir),
+                                   **_overrides(args))
+    train_data, val_data = _token_data(args.data, cfg.seq_len)
+    _run(args, model_config, cfg, train_data, val_data, init_model, _tokenizer_dir(args, init_dir, Path(args.data)))
 
 
 def cmd_export(args: argparse.Namespace) -> None:

@@ -3,6 +3,7 @@
     pretrain      muP + WSD (1% warmup, 10% exponential decay) + MTP, 4K-style dense training
     long_context  longer sequences with LongRoPE factors, optional InfLLM v2 sparse attention (MINICPM4.md §6.1 4.)
     sft           ChatML SFT with assistant-only loss (sft_data.py)
+    qat           BitCPM4 ternary quantization-aware training from a high-precision checkpoint (qat.py)
 Every keyword of TrainConfig can be overridden. Values the report does not publish are our choices and
 say so (MINICPM4.md §11.2: warmup, decay shape, batch size, betas, λ of MTP).
 """
@@ -142,4 +143,33 @@ def sft(model_config: MiniCPMConfig, steps: int = 1000, **overrides: Any) -> tup
     return model_config, TrainConfig(**cfg)
 
 
-STAGES = {"pretrain": pretrain, "long": long_context, "sft": sft}
+# BitCPM4 stage 2 (MINICPM4.md §5): the pilot ran stage 1 at LR 1e-2 and the QAT stage at 5e-3, i.e. half our
+# pretrain default. The re-warmup length and the decay are unpublished: 10% warmup (a fresh Adam state meets
+# weights whose forward just jumped to their ternary values, which is why the report calls the re-warmup critical;
+# QAT runs are short, so 1% would be one or two steps) and the pilot's own run shape for the rest (decay over the
+# last 20%, exponential as in pretrain).
+QAT_LR = 5e-3
+QAT_WARMUP_FRACTION = 0.1
+QAT_DECAY_FRACTION = 0.2
+
+
+def qat(model_config: MiniCPMConfig, steps: int | None = None, tokens: int | None = None, world_size: int = 1,
+        **overrides: Any) -> tuple[MiniCPMConfig, TrainConfig]:
+    """Ternary QAT: every decoder linear fake-quantized in groups of qat_group_size input channels (qat.py), a
+    fresh WSD warmup, LR 5e-3, no MTP. The length is `steps`, or `tokens` over the step's B x A x world x T tokens
+    (qat.default_tokens: about 2x the decay-phase tokens of the source run). Group 64 is configs.TernaryQATConfig's
+    default (the team's sweep: 32 slightly better than 64, the BitCPM4 value unpublished)."""
+    cfg = dict(stage="qat", out_dir="runs/qat", lr=QAT_LR, weight_decay=0.1, betas=(0.9, 0.95), grad_clip=1.0,
+               decay_shape="exp", min_lr_ratio=0.1, mtp_weight=0.0, seq_len=512, qat_group_size=64)
+    cfg.update(overrides)
+    if steps is None:
+        if tokens is None:
+            raise ValueError("qat: give steps or tokens")
+        B, A = cfg.get("micro_batch_size", TrainConfig.micro_batch_size), cfg.get("grad_accum", TrainConfig.grad_accum)
+        steps = max(1, math.ceil(tokens / (B * A * world_size * cfg["seq_len"])))
+    schedule = _wsd_steps(steps, QAT_WARMUP_FRACTION, QAT_DECAY_FRACTION)
+    cfg = {**schedule, **cfg, "steps": steps}  # explicit warmup/decay overrides win over the fractions
+    return model_config, TrainConfig(**cfg)
+
+
+STAGES = {"pretrain": pretrain, "long": long_context, "sft": sft, "qat": qat}

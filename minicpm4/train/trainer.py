@@ -61,6 +61,9 @@ class TrainConfig:
     mtp_weight: float = 0.0  # λ of L = L_NTP + λ L_MTP; 0 = no MTP head
     mtp_embed_first: bool = False
     document_mask: bool = True  # attention stays within each packed document / conversation
+    # BitCPM4 ternary QAT (qat.py): > 0 fake-quantizes every decoder linear in groups of this many input
+    # channels before the optimizer is built, and the exported model is the packed ternary one; 0 = float
+    qat_group_size: int = 0
     # numerics and parallelism
     # autocast dtype: "auto" | "bfloat16" | "float32" (no autocast); weights and optimizer state stay fp32.
     # auto = bf16 on CUDA and AVX-512 CPUs, else fp32: an AVX2-only CPU has no bf16 matmul (measured on this
@@ -87,6 +90,8 @@ class TrainConfig:
             raise ValueError(f"dtype: expected 'auto', 'bfloat16' or 'float32', got {self.dtype!r}")
         if self.parametrization not in mup.PARAMETRIZATIONS:
             raise ValueError(f"parametrization: expected one of {mup.PARAMETRIZATIONS}, got {self.parametrization!r}")
+        if self.qat_group_size < 0:
+            raise ValueError(f"qat_group_size must be >= 0 (0 = no QAT), got {self.qat_group_size}")
         if self.lr <= 0 or self.mtp_weight < 0:
             raise ValueError("lr must be > 0 and mtp_weight >= 0")
         WSD(self.steps, self.warmup_steps, self.decay_steps, self.decay_shape, self.min_lr_ratio)
@@ -140,8 +145,12 @@ def build_train_module(config: MiniCPMConfig, cfg: TrainConfig, init_model: Mini
     module = TrainModule(model, mtp).to_empty(device=device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     mup.init_weights([model] + ([mtp] if mtp is not None else []), config, generator)
-    if init_model is not None:  # continue from trained weights (long-context, SFT); the MTP head stays fresh
+    if init_model is not None:  # continue from trained weights (long-context, SFT, QAT); the MTP head stays fresh
         model.load_state_dict(init_model.state_dict())
+    if cfg.qat_group_size:  # after the weights, before any optimizer or checkpoint sees the parameters
+        from minicpm4.train import qat
+
+        qat.prepare(model, cfg.qat_group_size)
     return module.float()
 
 
@@ -343,10 +352,12 @@ from minicpm4.checkpoint import TOKENIZER_FILES, copy_tokenizer_files  # noqa: E
 def export_final(result: TrainResult, path: str | Path, tokenizer_dir: str | Path | None = None) -> Path | None:
     """Collective: write the trained model as a Hugging Face folder (config.json + safetensors, via
     checkpoint.save_model) on rank 0, plus the tokenizer files of `tokenizer_dir` and, when trained, the MTP
-    head as mtp_head.safetensors (names relative to the head; order flag in its metadata)."""
+    head as mtp_head.safetensors (names relative to the head; order flag in its metadata). A QAT run's model is
+    written packed (qat.convert): the ternary model its forward computed, not the float shadow weights."""
     from safetensors.torch import save_file
 
     from minicpm4.checkpoint import save_model
+    from minicpm4.train import qat
 
     state = export_state(result.module)
     info = result.info or DistInfo()
@@ -357,6 +368,9 @@ def export_final(result: TrainResult, path: str | Path, tokenizer_dir: str | Pat
     with torch.device("meta"):
         model = MiniCPMForCausalLM(config)
     model.load_state_dict(state["model"], assign=True)
+    group_size = qat.group_size_of(inner.model)
+    if group_size is not None:
+        qat.convert(model, group_size)
     path = save_model(model, path)
     if state["mtp"]:
         save_file({k: v.contiguous() for k, v in state["mtp"].items()}, path / "mtp_head.safetensors",
