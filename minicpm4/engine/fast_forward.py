@@ -9,7 +9,10 @@ fp32, casts, then scales; RoPE rotates in fp32 and casts back. Two paths, same r
   kernel  N <= max_kernel_tokens (decode, small chunks; fp32/bf16 on an AVX-512 CPU): two C++ calls per layer
           (fast_kernel.py): RMSNorm + fused q|k|v GEMV + RoPE, then o_proj + residual + RMSNorm + fused
           gate|up GEMV + SwiGLU + down + residual. Weights read in place, work split over a thread pool that
-          never waits on a descheduled thread. Also the LM head GEMV for up to max_kernel_tokens rows.
+          never waits on a descheduled thread. Also the LM head GEMV for up to max_kernel_tokens rows. Each
+          linear (and the head) is a dense weight or a packed INT4 / ternary module of minicpm4.quant, whose
+          kernel layout (quant/kernels.py, AVX512-VNNI) the C++ GEMV reads: the same integer arithmetic as the
+          module's own forward, so this path and the torch path agree to elementwise rounding.
   torch   everything else (prefill chunks, other devices): fused weights through F.linear (oneDNN / MKL are
           fast once there are enough rows), eager elementwise ops. torch.compile of its two per-layer functions
           was measured and dropped: 0.85-1.08x at N = 1..512 (the matmuls dominate; 4-77 s to compile).
@@ -80,6 +83,19 @@ def _fused(modules: list[torch.nn.Module]) -> Linear:
 
 def _single(module: torch.nn.Module) -> Linear:
     return module.weight.detach().contiguous() if isinstance(module, torch.nn.Linear) else module
+
+
+def _kernel_weight(w: Linear):
+    """What the C++ path reads for a linear: the dense tensor, a packed module's kernel layout, or None when the
+    kernel cannot take it (a non-contiguous tensor, another module type, a group size it does not pack)."""
+    if isinstance(w, torch.Tensor):
+        return w if w.is_contiguous() else None
+    from minicpm4.quant import kernels
+    from minicpm4.quant.linear import QuantLinearBase
+
+    if not isinstance(w, QuantLinearBase) or not kernels.supports(w.group_size, w.in_features):
+        return None
+    return w.kernel_weight()
 
 
 def _rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -163,25 +179,30 @@ class FastDecoder:
         why = None
         if self.device.type != "cpu" or self.dtype not in (torch.float32, torch.bfloat16):
             why = f"CPU fp32/bf16 weights (got {self.device.type} {self.dtype})"
-        elif any(not isinstance(w, torch.Tensor) for L in self.layers for w in (L.qkv, L.o, L.gate_up, L.down)) \
-                or not isinstance(self.head, torch.Tensor):
-            why = "dense weights (packed linears run through their own modules' kernels)"
         elif self.pre_rope:
             why = "post-RoPE attention (use_nope backends get the PyTorch path)"
-        elif any(not t.is_contiguous() for t in (self.embed, self.head, self.final_norm)):
-            why = "contiguous embedding / head weights"
+        elif any(not t.is_contiguous() for t in (self.embed, self.final_norm)):
+            why = "a contiguous embedding"
         elif fast_kernel.library() is None:
             why = "a built kernel (AVX-512 CPU, a C++ compiler, MINICPM4_NO_CPU_KERNEL unset)"
+        else:
+            linears = [w for L in self.layers for w in (L.qkv, L.o, L.gate_up, L.down)] + [self.head]
+            kernel_weights = [_kernel_weight(w) for w in linears]
+            if any(k is None for k in kernel_weights):
+                why = ("contiguous dense weights and packed linears the C++ GEMV takes (Int4Linear / TernaryLinear, "
+                       "group size a multiple of 16, an AVX512-VNNI CPU)")
         if why is not None:
             if want:
                 raise ValueError(f"FastDecoder(kernel=True) needs {why}")
             return None
         cfg = self.config
+        *ks, self._kernel_head = kernel_weights
+        layers = [(L.in_norm, *ks[4 * i: 4 * i + 2], L.post_norm, *ks[4 * i + 2: 4 * i + 4])
+                  for i, L in enumerate(self.layers)]
         return fast_kernel.KernelModel(
             hidden=cfg.hidden_size, intermediate=cfg.intermediate_size, heads=self.Hq, kv_heads=self.Hkv,
             head_dim=self.D, dtype=self.dtype, max_tokens=max(self.max_kernel_tokens, 1), eps=self.eps,
-            residual_scale=self.rs, cos=self.cos, sin=self.sin, threads=threads,
-            layers=[(L.in_norm, L.qkv, L.o, L.post_norm, L.gate_up, L.down) for L in self.layers])
+            residual_scale=self.rs, cos=self.cos, sin=self.sin, threads=threads, layers=layers)
 
     # ---- forward ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -232,6 +253,9 @@ class FastDecoder:
         M = x.shape[0]
         if self.kernel is None or not 0 < M <= self.max_kernel_tokens:
             return _linear(x, self.head).float()
-        y = torch.empty(M, self.head.shape[0], dtype=torch.float32)
-        self.kernel.lib.ff_logits(self.kernel.handle, x.data_ptr(), self.head.data_ptr(), y.data_ptr(), M, y.shape[1])
+        from minicpm4.engine.fast_kernel import weight_args
+
+        head = self._kernel_head
+        y = torch.empty(M, head.shape[0] if isinstance(head, torch.Tensor) else head.N, dtype=torch.float32)
+        self.kernel.lib.ff_logits(self.kernel.handle, x.data_ptr(), *weight_args(head), y.data_ptr(), M, y.shape[1])
         return y

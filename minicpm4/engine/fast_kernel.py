@@ -7,6 +7,8 @@ when the other core is busy (4-16 ms for a 1,024-row GEMV), and a layer's ~35 ea
 ~2.4 us each. Here:
   * linear: y = x W^T with x [M, K] (M <= max_tokens), W [N, K] untouched (no prepacking, no copy): a tile of
     R weight rows x MG token rows accumulates fp32 dot products (AVX512-BF16 `vdpbf16ps` for bf16, FMA for fp32).
+  * packed INT4 / ternary weights (minicpm4/quant/kernels.py, spliced into this source so that one pool serves
+    both): a `Lin` job then carries the packed descriptor and the activations quantized to int8 by the caller.
   * a thread pool whose chunks can be stolen back: a descheduled worker never makes a call wait (see the C++);
     the caller takes row chunks from the front and workers from the back, so each streams contiguous rows
     (2 threads: 36 GB/s, the box's measured 2-thread read bandwidth at the time, vs 22 GB/s interleaved).
@@ -147,12 +149,15 @@ template <int R, int MG, bool PF> struct TileF {
     static void run(const float* x, const float* w, int64_t K, float* a, int64_t l, const float* pf) { tile_f32<R, MG, PF>(x, w, K, a, l, pf); }
 };
 
-// out_mode: 0 fp32, 1 bf16, 2 fp32 holding the bf16-rounded value (model.logits in bf16: F.linear(...).float())
-struct Lin { const void* x; const void* w; void* y; int64_t M, N, K, ldy, rows, wbf16, out_mode; };
+// @QUANT_GEMV@ (minicpm4/quant/kernels.py CPP_GEMV is spliced in here at build time)
+// out_mode: 0 fp32, 1 bf16, 2 fp32 holding the bf16-rounded value (model.logits in bf16: F.linear(...).float()).
+// q: a packed INT4 / ternary weight (then w, x unused: the activations are qa, quantized before the job), else null.
+struct Lin { const void* x; const void* w; void* y; int64_t M, N, K, ldy, rows, wbf16, out_mode; const QW* q; QAct qa; };
 
 static void lin_compute(const Lin& a, int64_t c, float* acc) {
     const int64_t n0 = c * a.rows, n1 = std::min(a.N, n0 + a.rows);
-    if (a.wbf16) rows_kernel<bf16, TileBF>((const bf16*)a.x, (const bf16*)a.w, a.M, a.N, a.K, n0, n1, acc);
+    if (a.q) qrows(*a.q, a.qa, a.M, n0, n1, acc);
+    else if (a.wbf16) rows_kernel<bf16, TileBF>((const bf16*)a.x, (const bf16*)a.w, a.M, a.N, a.K, n0, n1, acc);
     else rows_kernel<float, TileF>((const float*)a.x, (const float*)a.w, a.M, a.N, a.K, n0, n1, acc);
 }
 static void lin_commit(const Lin& a, int64_t c, const float* acc) {
@@ -256,6 +261,7 @@ static void linear(const Lin& a0, int64_t threads) {
     Lin a = a0;
     a.rows = std::max<int64_t>(a.rows, (a.N + MAXCH - 1) / MAXCH);
     a.rows = std::max<int64_t>(1, std::min(a.rows, MAXACC / a.M));
+    if (a.q) a.rows = std::max<int64_t>(16, a.rows / 16 * 16);  // whole 16-row tiles (callers keep M <= MAXACC / 16)
     const int64_t n = (a.N + a.rows - 1) / a.rows;
     alignas(64) float acc[MAXACC];
     if (!threads || g_nworkers == 0 || n == 1) {
@@ -381,7 +387,8 @@ static void rope_split(const T* qkv, const float* cos, const float* sin, const i
 }
 
 // ---- a model: weights by reference, scratch owned here (never freed: a descheduled worker may still read it) -------
-struct LayerW { const void *in_norm, *qkv, *o, *post_norm, *gate_up, *down; };
+struct WD { const void* w; const QW* q; };  // one linear: a dense [N, K] weight in the model's dtype, or packed (q)
+struct LayerW { const void *in_norm, *post_norm; WD qkv, o, gate_up, down; };
 struct Model {
     int64_t H, I, Hq, Hkv, D, wbf16, max_tokens, threads, rows_target;
     float eps, rs;
@@ -390,6 +397,7 @@ struct Model {
     std::vector<LayerW> layers;
     void *x, *qkv, *ob, *ob2, *gu, *act, *xin;
     int64_t prof_on = 0, prof[6] = {0, 0, 0, 0, 0, 0};  // ns per op class (ff_profile)
+    int8_t* xq = nullptr; float *sx = nullptr, *cx = nullptr, *qbuf = nullptr;  // packed linears' quantized activations
 };
 // Op classes of the per-op profile: elementwise (norms, RoPE, SwiGLU, residuals, staging), qkv, o_proj, gate_up,
 // down, lm_head GEMVs. Timing costs ~20 ns a call and only runs while profiling is on.
@@ -411,26 +419,41 @@ extern "C" void* ff_model_new(int64_t H, int64_t I, int64_t Hq, int64_t Hkv, int
     m->x = scratch(T * H * e); m->qkv = scratch(T * (Hq + 2 * Hkv) * D * e); m->ob = scratch(T * H * e);
     m->ob2 = scratch(T * std::max(Hq * D, H) * e); m->gu = scratch(T * 2 * I * e); m->act = scratch(T * I * e);
     m->xin = scratch(T * std::max(H, I) * 4);
+    const int64_t QK = std::max({H, I, Hq * D});  // >= any packed linear's K (groups: >= 16 inputs)
+    m->xq = (int8_t*)scratch(T * QK); m->sx = (float*)scratch(T * QK / 16 * 4); m->cx = (float*)scratch(T * QK / 16 * 4);
+    m->qbuf = (float*)scratch(QK * 4);
     return m;
 }
 // After ff_pool_quiesce no worker touches this model's scratch or weights: a late worker claims nothing.
 extern "C" void ff_model_free(void* mp) {
     ff_pool_quiesce();
     Model* m = (Model*)mp;
-    for (void* p : {m->x, m->qkv, m->ob, m->ob2, m->gu, m->act, m->xin}) free(p);
+    for (void* p : {m->x, m->qkv, m->ob, m->ob2, m->gu, m->act, m->xin, (void*)m->xq, (void*)m->sx, (void*)m->cx,
+                    (void*)m->qbuf}) free(p);
     delete m;
 }
+// Each linear: a dense weight pointer, or a packed descriptor (*_q non-null; kept alive by the caller).
 extern "C" void ff_model_add_layer(void* mp, const void* in_norm, const void* qkv, const void* o, const void* post_norm,
-                                   const void* gate_up, const void* down) {
-    ((Model*)mp)->layers.push_back(LayerW{in_norm, qkv, o, post_norm, gate_up, down});
+                                   const void* gate_up, const void* down, const QW* qkv_q, const QW* o_q,
+                                   const QW* gate_up_q, const QW* down_q) {
+    ((Model*)mp)->layers.push_back(LayerW{in_norm, post_norm, {qkv, qkv_q}, {o, o_q}, {gate_up, gate_up_q}, {down, down_q}});
 }
 
-static int64_t rows_for(const Model* m, int64_t K) {  // output rows per chunk: ~rows_target KB of weights
-    const int64_t e = m->wbf16 ? 2 : 4;
-    return std::max<int64_t>(8, (m->rows_target * 1024 / (K * e)) / 8 * 8);
+// output rows per chunk: ~kb KB of weights, in multiples of `tile` rows (the packed kernel's 16-row tiles)
+static int64_t rows_for(int64_t kb, int64_t row_bytes, int64_t tile = 8) {
+    return std::max<int64_t>(tile, (kb * 1024 / row_bytes) / tile * tile);
 }
-static void mlin(const Model* m, const void* x, const void* w, void* y, int64_t M, int64_t N, int64_t K, int64_t out_mode) {
-    linear(Lin{x, w, y, M, N, K, /*ldy*/ N, /*rows*/ rows_for(m, K), m->wbf16, out_mode}, m->threads > 1);
+static int64_t qrow_bytes(const QW& q) { return q.K / (q.fmt == 1 ? 2 : 4) + (q.fmt == 1 ? 3 : 2) * q.G; }
+// x [M, K] in the model's dtype (M <= max_tokens); a packed weight quantizes it into the model's scratch first.
+static void mlin(const Model* m, const void* x, const WD& w, void* y, int64_t M, int64_t N, int64_t K, int64_t out_mode) {
+    if (!w.q) {
+        linear(Lin{x, w.w, y, M, N, K, /*ldy*/ N, rows_for(m->rows_target, K * (m->wbf16 ? 2 : 4)), m->wbf16, out_mode},
+               m->threads > 1);
+        return;
+    }
+    qquant(*w.q, x, m->wbf16, M, m->xq, m->sx, m->cx, m->qbuf);
+    linear(Lin{nullptr, nullptr, y, M, N, K, N, rows_for(m->rows_target, qrow_bytes(*w.q), 16), 0, out_mode, w.q,
+               QAct{m->xq, m->sx, m->cx}}, m->threads > 1);
 }
 
 // Pre-attention: x = RMSNorm_in(h); qkv = x W_qkv^T; RoPE q/k; split. h [N, H]; q/k/v outputs.
@@ -479,13 +502,14 @@ extern "C" void ff_rmsnorm(void* mp, const void* x, const void* w, void* y, int6
 }
 
 // Logits: y [M, V] fp32 = x [M, H] W^T (x already divided by the muP logit divisor), rounded through bf16 for bf16.
-extern "C" void ff_logits(void* mp, const void* x, const void* w, float* y, int64_t M, int64_t V) {
+// w: the dense head, or wq: a packed one.
+extern "C" void ff_logits(void* mp, const void* x, const void* w, const QW* wq, float* y, int64_t M, int64_t V) {
     Model* m = (Model*)mp;
     const int64_t e = m->wbf16 ? 2 : 4;
     for (int64_t s = 0; s < M; s += m->max_tokens) {  // stage in blocks of max_tokens rows
         const int64_t n = std::min(m->max_tokens, M - s);
         memcpy(m->xin, (const char*)x + s * m->H * e, n * m->H * e);
-        PROF(m, 5, mlin(m, m->xin, w, y + s * V, n, V, m->H, m->wbf16 ? 2 : 0));
+        PROF(m, 5, mlin(m, m->xin, WD{w, wq}, y + s * V, n, V, m->H, m->wbf16 ? 2 : 0));
     }
 }
 
@@ -493,8 +517,10 @@ extern "C" void ff_logits(void* mp, const void* x, const void* w, float* y, int6
 extern "C" void ff_linear(void* mp, const void* x, const void* w, void* y, int64_t M, int64_t N, int64_t K, int64_t out_mode) {
     Model* m = (Model*)mp;
     memcpy(m->xin, x, M * K * (m->wbf16 ? 2 : 4));
-    mlin(m, m->xin, w, y, M, N, K, out_mode);
+    mlin(m, m->xin, WD{w, nullptr}, y, M, N, K, out_mode);
 }
+
+// @QUANT_ENTRY@ (minicpm4/quant/kernels.py CPP_ENTRY: the standalone packed linear)
 
 extern "C" int64_t ff_isa() {
 #ifdef __AVX512BF16__
@@ -514,12 +540,14 @@ _SIGNATURES = {
     "ff_pool_quiesce": ([], None),
     "ff_stolen": ([], _I),
     "ff_model_new": ([_I] * 7 + [_F, _F, _P, _P, _I, _I, _I], _P),
-    "ff_model_add_layer": ([_P] * 7, None),
+    "ff_model_add_layer": ([_P] * 11, None),
     "ff_model_free": ([_P], None),
     "ff_attn_in": ([_P, _I, _P, _I, _P, _P, _P, _P], _I),
     "ff_attn_out_mlp": ([_P, _I, _P, _P, _I], None),
     "ff_rmsnorm": ([_P, _P, _P, _P, _I], None),
-    "ff_logits": ([_P, _P, _P, _P, _I, _I], None),
+    "ff_logits": ([_P] * 5 + [_I, _I], None),
+    "ff_qlinear": ([_P, _P, _I, _I, _P, _I, _I, _I], None),
+    "ff_has_vnni": ([], _I),
     "ff_linear": ([_P, _P, _P, _P, _I, _I, _I, _I], None),
     "ff_isa": ([], _I),
     "ff_profile": ([_P, _I, _P], None),
@@ -527,6 +555,19 @@ _SIGNATURES = {
 # How long an idle pool worker spins (then sleeps on a futex) after a job: a decode step calls the pool every
 # ~20-100 us, so a worker that slept each time would pay a futex wake-up (~10-50 us) per GEMV.
 SPIN_NS = 200_000
+_QUANT_MARK = "// @QUANT_GEMV@ (minicpm4/quant/kernels.py CPP_GEMV is spliced in here at build time)"
+_QUANT_ENTRY = "// @QUANT_ENTRY@ (minicpm4/quant/kernels.py CPP_ENTRY: the standalone packed linear)"
+_pool_threads = 1
+
+
+def start_pool(threads: int) -> None:
+    """Make the pool `threads` wide (caller included); it only grows."""
+    global _pool_threads
+    lib = library()
+    with _lock:
+        if lib is not None and threads > _pool_threads:
+            lib.ff_pool_start(threads, SPIN_NS)
+            _pool_threads = threads
 
 
 def library() -> ctypes.CDLL | None:
@@ -535,7 +576,10 @@ def library() -> ctypes.CDLL | None:
     with _lock:
         if not _tried:
             _tried = True
-            lib = cpp_build.build_library("fast_forward", _SOURCE, cpp_build.FLAGS + ["-ffp-contract=off", "-pthread"])
+            from minicpm4.quant import kernels as qk  # the packed INT4 / ternary GEMV shares this pool
+
+            source = _SOURCE.replace(_QUANT_MARK, qk.CPP_GEMV).replace(_QUANT_ENTRY, qk.CPP_ENTRY)
+            lib = cpp_build.build_library("fast_forward", source, cpp_build.FLAGS + ["-ffp-contract=off", "-pthread"])
             if lib is not None:
                 for name, (args, res) in _SIGNATURES.items():
                     fn = getattr(lib, name)
@@ -550,15 +594,25 @@ def has_bf16_dot() -> bool:
     return lib is not None and lib.ff_isa() == 2
 
 
+def weight_args(w) -> tuple[int | None, int | None]:
+    """A linear for the C++: (dense weight pointer, None) for a tensor, (None, descriptor address) for a
+    quant.kernels.PackedWeight (the caller keeps the weight, and so its descriptor, alive)."""
+    if isinstance(w, torch.Tensor):
+        return w.data_ptr(), None
+    return None, ctypes.addressof(w.desc())
+
+
 class KernelModel:
     """One decoder's weights (by pointer: the caller keeps the tensors alive) and the kernel's scratch buffers.
 
-    Not thread-safe: one call at a time (the engine's step loop). Scratch is sized for max_tokens rows.
+    layers: (in_norm, qkv, o, post_norm, gate_up, down) per layer; each linear a dense tensor in `dtype` or a packed
+    weight (minicpm4.quant.kernels.PackedWeight). Not thread-safe: one call at a time (the engine's step loop).
+    Scratch is sized for max_tokens rows.
     """
 
     def __init__(self, *, hidden: int, intermediate: int, heads: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, max_tokens: int, eps: float, residual_scale: float, cos: torch.Tensor,
-                 sin: torch.Tensor, layers: list[tuple[torch.Tensor, ...]], threads: int, chunk_kb: int = 64) -> None:
+                 sin: torch.Tensor, layers: list[tuple], threads: int, chunk_kb: int = 64) -> None:
         lib = library()
         assert lib is not None, "the FastDecoder kernel is not built"
         assert dtype in (torch.float32, torch.bfloat16), dtype
@@ -567,13 +621,16 @@ class KernelModel:
         self.cos, self.sin, self.layers = cos, sin, layers  # references: the kernel reads them in place
         self.threads = threads
         if threads > 1:
-            lib.ff_pool_start(threads, SPIN_NS)
+            start_pool(threads)
         self.handle = lib.ff_model_new(hidden, intermediate, heads, kv_heads, head_dim, int(dtype == torch.bfloat16),
                                        max_tokens, eps, residual_scale, cos.data_ptr(), sin.data_ptr(), cos.shape[0],
                                        threads, chunk_kb)
-        for ws in layers:
-            assert all(w.dtype == dtype and w.is_contiguous() for w in ws)
-            lib.ff_model_add_layer(self.handle, *(w.data_ptr() for w in ws))
+        for in_norm, qkv, o, post_norm, gate_up, down in layers:
+            for w in (in_norm, post_norm, qkv, o, gate_up, down):
+                assert not isinstance(w, torch.Tensor) or (w.dtype == dtype and w.is_contiguous()), "dense weights"
+            (qkv_w, qkv_q), (o_w, o_q), (gu_w, gu_q), (d_w, d_q) = map(weight_args, (qkv, o, gate_up, down))
+            lib.ff_model_add_layer(self.handle, in_norm.data_ptr(), qkv_w, o_w, post_norm.data_ptr(), gu_w, d_w,
+                                   qkv_q, o_q, gu_q, d_q)
 
     def __del__(self) -> None:
         # Waits for any pool worker still inside a chunk of this model, then frees the scratch: only then may

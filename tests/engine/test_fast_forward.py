@@ -159,3 +159,108 @@ def test_fused_weights_are_the_only_copies(models):
     assert fd.layers[0].down.data_ptr() == layer.mlp.down_proj.weight.data_ptr()
     assert fd.head.data_ptr() == model.lm_head.weight.data_ptr()
     assert torch.equal(fd.layers[0].qkv[: 64], layer.self_attn.q_proj.weight)
+
+
+# ---- packed (INT4 / ternary) linears ---------------------------------------------------------------------------
+from minicpm4.quant import Int4Linear, Int4WeightOnlyConfig, TernaryQATConfig, kernels, quantize_  # noqa: E402
+
+needs_packed = pytest.mark.skipif(not (KERNEL and kernels.available()),
+                                  reason="the packed GEMV needs an AVX512-VNNI CPU and a C++ compiler")
+QUANT = {
+    "int4-head": Int4WeightOnlyConfig(group_size=32, lm_head=True),
+    "int4-asym": Int4WeightOnlyConfig(group_size=16, sym=False),
+    "ternary-head": TernaryQATConfig(step="convert", group_size=32, lm_head=True),
+}
+
+
+# Packed linears quantize their input to int8 per group: where the two paths' elementwise ops differ by an ulp
+# (the kernel's vectorised RMSNorm sums in another order), an activation can cross a rounding boundary and move
+# one int8 step (~1e-3 of the output at 0.5B widths per flip; measured 3e-3 max after two layers in fp32). So the
+# kernel path is held to PACKED_TOL, the torch path (model.py's ops) to the dense tolerances.
+PACKED_TOL = 1e-2
+
+
+def quantized_model(config, dtype=torch.float32, tied=False):
+    model = build_model(tiny(initializer_range=0.3, tie_word_embeddings=tied), seed=3, dtype=dtype).eval()
+    quantize_(model, config)
+    return model
+
+
+@needs_packed
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", list(QUANT))
+@pytest.mark.parametrize("kernel", [False, True], ids=["torch", "kernel"])
+def test_packed_model_matches_its_forward(name, dtype, kernel):
+    """Both paths run the packed modules' arithmetic (int8 activations, integer group sums): the C++ path reads
+    the same kernel layout as the modules' forward, so logits agree to elementwise rounding (measured on this tiny
+    model: fp32 3e-7, bf16 bit-equal; the bound is PACKED_TOL for the kernel path)."""
+    model = quantized_model(QUANT[name], dtype, tied=name == "int4-asym")
+    ids, flat, pos = batch(SMALL, model.config.vocab_size)
+    ref = reference_logits(model, ids)
+    fd = FastDecoder(model, 512, kernel=kernel)
+    assert (fd.kernel is not None) == kernel
+    out = fast_logits(fd, SMALL, flat, pos)
+    assert rel_err(out, ref) < (PACKED_TOL if kernel else 2e-5 if dtype == torch.float32 else 0.03)
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+
+
+@needs_packed
+def test_mixed_dense_and_packed_layers():
+    """Layer 0 packed (INT4 attention, ternary MLP), layer 1 and the head dense."""
+    from minicpm4.quant import int4, ternary
+    from minicpm4.quant.linear import TernaryLinear
+
+    model = build_model(tiny(initializer_range=0.3, tie_word_embeddings=False), seed=3).eval()
+    layer = model.model.layers[0]
+    for parent, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")), (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):
+        for n in names:
+            w = getattr(parent, n).weight.detach()
+            packed = (Int4Linear.from_codes(*int4.rtn_quantize(w, 32), None, 32) if parent is layer.self_attn
+                      else TernaryLinear.from_codes(*ternary.ternarize(w, 32), torch.float32))
+            setattr(parent, n, packed)
+    ids, flat, pos = batch(LARGE, model.config.vocab_size)
+    ref = reference_logits(model, ids)
+    fd = FastDecoder(model, 512, kernel=True, max_kernel_tokens=32)
+    assert rel_err(fast_logits(fd, LARGE, flat, pos), ref) < PACKED_TOL
+
+
+@needs_packed
+def test_packed_kernel_threads_are_bitwise_equal():
+    model = quantized_model(QUANT["ternary-head"])
+    _, flat, pos = batch(SMALL, model.config.vocab_size)
+    one = FastDecoder(model, 512, kernel=True, threads=1)
+    two = FastDecoder(model, 512, kernel=True, threads=2)
+    attend = packed_attend(SMALL)
+    ref = one.logits(one.hidden_states(flat, pos, attend))
+    for _ in range(10):
+        assert torch.equal(two.logits(two.hidden_states(flat, pos, attend)), ref)
+
+
+@needs_packed
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_packed_kernel_equals_torch_path_at_real_widths(dtype):
+    """Two INT4 layers (group 128) and an INT4 head at MiniCPM4-0.5B widths, decode-sized and batched."""
+    cfg = tiny(vocab_size=4096, hidden_size=1024, intermediate_size=4096, num_attention_heads=16,
+               num_key_value_heads=2, num_hidden_layers=2, dim_model_base=256, initializer_range=0.02,
+               rope_scaling=None, max_position_embeddings=4096)
+    model = build_model(cfg, seed=1, dtype=dtype).eval()
+    quantize_(model, Int4WeightOnlyConfig(group_size=128, lm_head=True))
+    plain = FastDecoder(model, 4096, kernel=False)
+    fast = FastDecoder(model, 4096, kernel=True, max_kernel_tokens=16)
+    for lengths in ([1], [4, 1, 11]):
+        _, flat, pos = batch(lengths, cfg.vocab_size)
+        attend = packed_attend(lengths)
+        a = plain.logits(plain.hidden_states(flat, pos + 1000, attend))
+        b = fast.logits(fast.hidden_states(flat, pos + 1000, attend))
+        assert rel_err(b, a) < (PACKED_TOL if dtype == torch.float32 else 0.03)
+        assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
+
+
+@needs_packed
+def test_kernel_refuses_packed_linears_it_cannot_take():
+    model = quantized_model(Int4WeightOnlyConfig(group_size=8))  # groups of 8: the int4pack / dequant paths only
+    with pytest.raises(ValueError, match="packed linears the C"):
+        FastDecoder(model, 512, kernel=True)
+    assert FastDecoder(model, 512).kernel is None
+    ids, flat, pos = batch(SMALL, model.config.vocab_size)
+    assert rel_err(fast_logits(FastDecoder(model, 512), SMALL, flat, pos), reference_logits(model, ids)) < 2e-5

@@ -194,7 +194,7 @@ def test_fake_ternary_values_and_straight_through_gradient():
     assert torch.allclose(lin.weight.grad, w_ref.grad)  # STE: the gradient at the quantized weight, passed through
 
 
-def test_ternary_prepare_then_convert():
+def test_ternary_prepare_then_convert(no_kernel):
     model = build_model(tiny(), seed=1)
     quantize_(model, TernaryQATConfig(step="prepare", group_size=16))
     assert isinstance(model.model.layers[0].self_attn.q_proj, FakeTernaryLinear)
