@@ -48,7 +48,6 @@ import torch
 # size (and one path keeps prefill and decode numerics equal), so no limit.
 MAX_ROWS = 1 << 30
 CHUNK = 16  # group sizes must be multiples of this (the activation quantizer's vector)
-TERNARY_BLOCK = CHUNK  # in_features granularity of pack_ternary (kept for linear.py; K % group_size == 0 implies it)
 _ROWS = 16  # rows per tile: one int32 lane each
 _NS = {"int4": 2, "ternary": 4}  # sub-vectors per 64-byte chunk (codes per byte)
 _FMT = {"int4": 1, "ternary": 2}  # the C++'s QW::fmt (0 is a dense weight)

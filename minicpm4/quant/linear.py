@@ -5,7 +5,7 @@ TernaryLinear  2-bit codes + per-group scales (ternary.py).
 FakeTernaryLinear  the QAT module: a float weight, ternarised in the forward with the straight-through estimator.
 
 Forward, by what the input allows (each path tested against `dequantize()` + F.linear):
-  kernel   CPU with AVX512-VNNI, group size a multiple of 64: integer dot products on the packed codes with int8
+  kernel   CPU with AVX512-VNNI, group size a multiple of 16 (kernels.supports): integer dot products on the packed codes with int8
            activations (minicpm4/quant/kernels.py), for every row count (faster than int4pack at 1..512 rows).
   int4pack CPU bf16/fp32 (Int4Linear) without the kernel: PyTorch's `_weight_int4pack_mm_for_cpu`, bf16 activations.
   dequant  anything else (other devices, fp16): the float weight rebuilt per call, then F.linear.
@@ -62,7 +62,7 @@ class QuantLinearBase(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         k = _kernels() if x.device.type == "cpu" else None
         packed = (self.kernel_weight() if k is not None and 0 < x2.shape[0] <= k.MAX_ROWS
-                  and x.dtype in (torch.float32, torch.bfloat16) and self.group_size % k.CHUNK == 0 else None)
+                  and x.dtype in (torch.float32, torch.bfloat16) and k.supports(self.group_size, self.in_features) else None)
         if packed is not None:
             y = k.linear(x2.contiguous(), packed)
         else:
@@ -174,8 +174,6 @@ class TernaryLinear(QuantLinearBase):
         return ternary.dequantize_ternary(self.codes(), self.scales).to(dtype)
 
     def _pack_for_kernel(self, k):
-        if self.in_features % k.TERNARY_BLOCK:
-            return None
         return k.pack_ternary(self.codes(), self.scales.float(), self.group_size)
 
 
