@@ -30,15 +30,10 @@ from engine_speed import (EngineSystem, LlamaCppSystem, Unavailable, import_llam
 
 from minicpm4.checkpoint import copy_tokenizer_files, load_model, save_model  # noqa: E402
 from minicpm4.config import MiniCPMConfig  # noqa: E402
-from minicpm4.quant import Int4WeightOnlyConfig, TernaryQATConfig, quantize_  # noqa: E402
+from minicpm4.quant import quantize_  # noqa: E402
+from quant_kernels import VARIANTS  # noqa: E402
 
-OURS = {
-    "ours bf16": None,
-    "ours int4 (head bf16)": Int4WeightOnlyConfig(group_size=128),
-    "ours int4 (head int4)": Int4WeightOnlyConfig(group_size=128, lm_head=True),
-    "ours ternary (head bf16)": TernaryQATConfig(step="convert", group_size=64),
-    "ours ternary (head ternary)": TernaryQATConfig(step="convert", group_size=64, lm_head=True),
-}
+OURS = {f"ours {name}": config for name, config in VARIANTS.items()}  # the same variants as quant_kernels.py
 LLAMA = {"llama.cpp Q4_0": ("float", "Q4_0"), "llama.cpp TQ2_0": ("ternary", "TQ2_0")}
 
 

@@ -17,10 +17,9 @@ from minicpm4.model import MiniCPMForCausalLM
 from minicpm4.quant import int4, ternary
 from minicpm4.quant.configs import (GPTQConfig, Int4WeightOnlyConfig, LayerReport, QuantConfig, QuantReport,
                                     TernaryQATConfig)
+from minicpm4.quant.format import LINEAR_NAMES as LAYER_LINEARS
 from minicpm4.quant.linear import FakeTernaryLinear, Int4Linear, QuantLinearBase, TernaryLinear
 
-LAYER_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
 def target_linears(model: MiniCPMForCausalLM) -> list[tuple[str, nn.Module]]:

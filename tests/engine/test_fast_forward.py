@@ -134,13 +134,17 @@ def test_kernel_equals_torch_path_at_real_widths(dtype):
 @needs_kernel
 def test_kernel_threads_are_bitwise_equal(models):
     """Each output is computed by the same code whichever thread (or a stealing caller) runs its chunk."""
-    model = models["odd"]
+    assert_threads_bitwise_equal(models["odd"], repeats=20)
+
+
+def assert_threads_bitwise_equal(model, repeats: int) -> None:
+    """Logits of the kernel path on 2 threads equal those on 1 thread bit for bit, `repeats` times."""
     _, flat, pos = batch(SMALL, model.config.vocab_size)
     one = FastDecoder(model, 512, kernel=True, threads=1)
     two = FastDecoder(model, 512, kernel=True, threads=2)
     attend = packed_attend(SMALL)
     ref = one.logits(one.hidden_states(flat, pos, attend))
-    for _ in range(20):
+    for _ in range(repeats):
         assert torch.equal(two.logits(two.hidden_states(flat, pos, attend)), ref)
 
 
@@ -226,14 +230,7 @@ def test_mixed_dense_and_packed_layers():
 
 @needs_packed
 def test_packed_kernel_threads_are_bitwise_equal():
-    model = quantized_model(QUANT["ternary-head"])
-    _, flat, pos = batch(SMALL, model.config.vocab_size)
-    one = FastDecoder(model, 512, kernel=True, threads=1)
-    two = FastDecoder(model, 512, kernel=True, threads=2)
-    attend = packed_attend(SMALL)
-    ref = one.logits(one.hidden_states(flat, pos, attend))
-    for _ in range(10):
-        assert torch.equal(two.logits(two.hidden_states(flat, pos, attend)), ref)
+    assert_threads_bitwise_equal(quantized_model(QUANT["ternary-head"]), repeats=10)
 
 
 @needs_packed
