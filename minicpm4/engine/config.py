@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from minicpm4.speculative.config import SpeculativeConfig
+
 
 @dataclass
 class EngineConfig:
@@ -22,6 +24,7 @@ class EngineConfig:
     enable_chunked_prefill: bool = True  # split long prompts over steps (else a prompt is prefilled in one step)
     max_waiting: int = 1024  # queued requests at most; adding more raises QueueFullError (HTTP 429)
     fast_forward: bool = True  # FastDecoder (fused weights) instead of the model's own forward
+    speculative: SpeculativeConfig | None = None  # draft + tree settings (minicpm4/speculative/); None: off
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:

@@ -20,6 +20,9 @@ from minicpm4.engine.sequence import Sequence, SequenceStatus
 from minicpm4.engine.text import TextState
 from minicpm4.model import MiniCPMForCausalLM
 from minicpm4.sampling import SamplingParams
+from minicpm4.speculative.tree import DraftTree, prune_tree
+from minicpm4.speculative.tree_attention import commit_accepted
+from minicpm4.speculative.verify import accept_path
 from minicpm4.tokenizer import Tokenizer
 
 
@@ -38,11 +41,18 @@ class EngineStats:
     prefix_cache_hit_tokens_total: int
     preemptions_total: int
     steps_total: int
+    # Speculative decoding: verification steps of one request, and the tokens they emitted (accepted draft
+    # tokens + the bonus token; mean accepted length = spec_tokens_total / spec_verify_total).
+    spec_verify_total: int = 0
+    spec_tokens_total: int = 0
+    spec_draft_nodes_total: int = 0  # draft nodes verified (tree size - 1 per verification)
 
 
 class LLMEngine:
     def __init__(self, model: MiniCPMForCausalLM, tokenizer: Tokenizer | None = None,
-                 config: EngineConfig | None = None) -> None:
+                 config: EngineConfig | None = None, drafter=None) -> None:
+        """drafter: a built drafter (speculative/eagle.py EagleDrafter, speculative/chain.py ChainDrafter) instead
+        of the one config.speculative describes."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         sparse = model.config.sparse_config
@@ -55,7 +65,13 @@ class LLMEngine:
                                  f"({capacity} tokens); raise kv_cache_tokens or num_kv_blocks")
             self.max_model_len = capacity  # the model allows more than the pool holds: the pool decides
         self.blocks = BlockManager(config.num_blocks(), config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(config, self.blocks)
+        self.drafter = drafter
+        if drafter is None and config.speculative is not None:
+            from minicpm4.speculative.build import build_drafter  # imported on use
+
+            self.drafter = build_drafter(model, config.speculative, self.max_model_len)
+        lookahead = self.drafter.shape.max_depth if self.drafter is not None else 0
+        self.scheduler = Scheduler(config, self.blocks, lookahead=lookahead)
         self.runner = ModelRunner(model, config, self.max_model_len)
         self.requests: dict[str, Sequence] = {}
         self.text: dict[str, TextState] = {}
@@ -119,15 +135,22 @@ class LLMEngine:
         changed: list[Sequence] = [s for s in self.requests.values() if s.is_finished]  # aborted / 0-token
         plan = self.scheduler.schedule()
         self.stats.preemptions_total += len(plan.preempted)
+        for seq in plan.preempted:
+            if self.drafter is not None:
+                self.drafter.drop(seq.request_id)
         if plan.scheduled:
-            result = self.runner.execute(plan.scheduled)
+            trees = self._draft(plan.scheduled) if self.drafter is not None else {}
+            result = self.runner.execute(plan.scheduled, trees)
             self.stats.steps_total += 1
-            for entry in plan.scheduled:
+            for i, entry in enumerate(plan.scheduled):
                 seq = entry.seq
                 computed_before = seq.num_computed_tokens
                 seq.num_computed_tokens += entry.num_tokens
                 self.stats.prompt_tokens_total += max(0, min(seq.num_computed_tokens, seq.num_prompt_tokens) - computed_before)
                 self.blocks.commit(seq)
+                if self.drafter is not None and i not in result.tree_logits:
+                    a = result.row_starts[i]
+                    self.drafter.observe(seq.request_id, result.hidden[a:a + entry.num_tokens], computed_before)
             for entry, logits, positions in result.prompt_logits:
                 seq = entry.seq
                 chosen = [seq.token_ids[p + 1] for p in positions]
@@ -149,6 +172,10 @@ class LLMEngine:
                     else:
                         self._append(seq, token, lp_of.get(i), now)
                     changed.append(seq)
+            for i, logits in result.tree_logits.items():
+                seq = plan.scheduled[i].seq
+                self._verify(seq, trees[i], logits, result.tree_hidden[i], result, i)
+                changed.append(seq)
             changed.extend(e.seq for e in plan.scheduled if e.seq.params.prompt_logprobs is not None)
         outputs = []
         for seq in dict.fromkeys(changed):
@@ -157,6 +184,55 @@ class LLMEngine:
                 outputs.append(out)
         self._refresh_stats()
         return outputs
+
+    # ---- speculative decoding ------------------------------------------------------------------------------
+    def _draft(self, scheduled: list) -> dict[int, DraftTree]:
+        """A draft tree for every decode entry whose request the drafter has seen up to its last token, pruned
+        to the positions its pages, the context and its remaining tokens allow."""
+        trees = {}
+        bs = self.config.block_size
+        for i, entry in enumerate(scheduled):
+            seq = entry.seq
+            if entry.num_tokens != 1 or not entry.completes_prompt or seq.params.max_new_tokens == 0:
+                continue
+            P = seq.num_computed_tokens  # the root's position
+            depth = min(len(seq.block_table) * bs - 1 - P, self.max_model_len - 1 - P,
+                        seq.params.max_new_tokens - seq.num_output_tokens - 1)
+            if depth < 1:
+                continue
+            tree = self.drafter.draft_tree(seq.request_id, seq.token_ids)
+            if max(tree.depths) > depth:
+                tree = prune_tree(tree, depth)
+            if tree.size > 1:
+                trees[i] = tree
+        return trees
+
+    def _verify(self, seq: Sequence, tree: DraftTree, logits, hidden, result, index: int) -> None:
+        """Walk the tree with the target's own sampler (speculative/verify.py), write the accepted nodes' K/V
+        after the root, and hand their hidden states to the drafter."""
+        now = time.perf_counter()
+        emitted = 0
+
+        def emit(token: int, logprob) -> None:
+            nonlocal emitted
+            emitted += 1
+            self._append(seq, token, logprob, now)
+
+        path = accept_path(tree, logits, seq, emit)
+        self.stats.spec_verify_total += 1
+        self.stats.spec_tokens_total += emitted
+        self.stats.spec_draft_nodes_total += tree.size - 1
+        if seq.is_finished:
+            return
+        rows = result.tree_step.rows[sorted(result.tree_logits).index(index)]
+        writes = commit_accepted(self.runner.cache, result.tree_step, rows, [n - 1 for n in path])
+        note = getattr(self.runner.backend, "note_external_writes", None)
+        if note is not None and writes:
+            note(self.runner.cache, writes)
+        P = seq.num_computed_tokens - 1
+        seq.num_computed_tokens += len(path)
+        self.blocks.commit(seq)
+        self.drafter.observe(seq.request_id, hidden[[0] + path], P)
 
     def _append(self, seq: Sequence, token: int, logprob, now: float) -> None:
         if seq.first_token_time is None:
@@ -180,6 +256,8 @@ class LLMEngine:
         seq.finish_reason = reason
         seq.finished_time = time.perf_counter()
         self.scheduler.remove(seq)
+        if self.drafter is not None:
+            self.drafter.drop(seq.request_id)
         state = self.text.get(seq.request_id)
         if state is not None:
             state.finish()

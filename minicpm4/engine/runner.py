@@ -19,6 +19,8 @@ from minicpm4.attention.paged import PagedAttention, PagedBatch, PagedKVCache
 from minicpm4.engine.config import EngineConfig
 from minicpm4.engine.scheduler import ScheduledSequence
 from minicpm4.model import MiniCPMForCausalLM
+from minicpm4.speculative.tree import DraftTree
+from minicpm4.speculative.tree_attention import TreeRows, TreeStep, tree_attention_dense
 
 
 @dataclass
@@ -28,6 +30,26 @@ class StepLogits:
     # Per sequence that asked for prompt logprobs: (its scheduled entry, logits [n, V] of its prompt rows,
     # the prompt position each row predicts the token after).
     prompt_logits: list[tuple[ScheduledSequence, torch.Tensor, list[int]]]
+    hidden: torch.Tensor | None = None  # [N + M, H]: every row of the step (the drafter reads them)
+    row_starts: list[int] | None = None  # per scheduled entry, its first row
+    # Speculative verification: per scheduled entry index with a draft tree, the logits [n, V] and hidden
+    # [n, H] of its tree rows (root first), and the step's stashed node K/V (speculative/tree_attention.py).
+    tree_logits: dict[int, torch.Tensor] | None = None
+    tree_hidden: dict[int, torch.Tensor] | None = None
+    tree_step: TreeStep | None = None
+
+
+class _ClosureBackend:
+    """The model-forward seam ([1, H, N, D] tensors) over the runner's packed attend closure."""
+
+    needs_pre_rope = False
+
+    def __init__(self, attend) -> None:
+        self.attend = attend
+
+    def __call__(self, layer_idx, q, k, v, meta, pre_rope=None):
+        t = lambda x: x[0].transpose(0, 1).contiguous()  # noqa: E731  [1, H, N, D] -> [N, H, D]
+        return self.attend(layer_idx, t(q), t(k), t(v)).transpose(0, 1)[None]
 
 
 def make_paged_backend(model: MiniCPMForCausalLM, block_size: int):
@@ -86,30 +108,84 @@ class ModelRunner:
             block_tables_host=[e.seq.block_table for e in scheduled])
         return torch.tensor(ids, dtype=torch.long, device=dev), batch
 
-    def hidden_states(self, input_ids: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
-        """input_ids [N] -> final-normed hidden [N, hidden]."""
+    def hidden_states(self, input_ids: torch.Tensor, batch: PagedBatch, tree: TreeStep | None = None) -> torch.Tensor:
+        """input_ids [N (+ M tree rows)] -> final-normed hidden [N (+ M), hidden]."""
+        N0 = batch.positions.numel()
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            if tree is None:
+                return self.backend.attend(layer, q, k, v, batch)
+            out = torch.empty_like(q)
+            out[:N0] = self.backend.attend(layer, q[:N0], k[:N0], v[:N0], batch)
+            qt, kt, vt = q[N0:], k[N0:], v[N0:]
+            tree.stash[layer] = (kt, vt)
+            for rows in tree.rows:
+                sl = slice(rows.start, rows.start + rows.num_nodes)
+                out[N0 + rows.start:N0 + rows.start + rows.num_nodes] = self.tree_attend(layer, qt[sl], kt[sl], vt[sl], rows)
+            return out
+
+        positions = batch.positions if tree is None else torch.cat([batch.positions, tree.positions.to(self.device)])
         if self.fast is not None:
-            return self.fast.hidden_states(input_ids, batch.positions,
-                                           lambda layer, q, k, v: self.backend.attend(layer, q, k, v, batch))
-        positions = batch.positions[None]
-        meta = AttentionMetadata(positions=positions, paged=batch)
-        previous = self.model.set_attention_backend(self.backend)
+            return self.fast.hidden_states(input_ids, positions, attend)
+        meta = AttentionMetadata(positions=positions[None], paged=batch)
+        previous = self.model.set_attention_backend(_ClosureBackend(attend))
         try:
-            return self.model.hidden_states(input_ids[None], positions, meta=meta, context_len=self.max_model_len)[0]
+            return self.model.hidden_states(input_ids[None], positions[None], meta=meta, context_len=self.max_model_len)[0]
         finally:
             self.model.set_attention_backend(previous)
+
+    def tree_attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: TreeRows) -> torch.Tensor:
+        """One sequence's draft-tree nodes (speculative/tree_attention.py): dense, or InfLLM v2's selection."""
+        k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]
+        if self.model.config.sparse_config is not None:
+            from minicpm4.speculative.tree_sparse import tree_attention_sparse  # imported on use
+
+            return tree_attention_sparse(self.backend, layer, q, k, v, self.cache, rows)
+        return tree_attention_dense(q, k, v, k_pool, v_pool, rows)
+
+    def tree_rows(self, scheduled: list[ScheduledSequence], trees: dict[int, DraftTree]) -> tuple[list[int], TreeStep]:
+        """The node rows (root excluded) of every drafted tree, appended after the step's ordinary rows."""
+        ids: list[int] = []
+        positions: list[int] = []
+        rows = []
+        for i, tree in sorted(trees.items()):
+            seq = scheduled[i].seq
+            P = seq.num_computed_tokens  # the root's position (its K/V is computed by this step)
+            node_pos = [P + d for d in tree.depths[1:]]
+            rows.append(TreeRows(start=len(ids), positions=node_pos, ancestors=tree.ancestor_mask()[1:, 1:],
+                                 root_pos=P, block_table=list(seq.block_table)))
+            ids.extend(tree.tokens[1:])
+            positions.extend(node_pos)
+        return ids, TreeStep(rows, torch.tensor(positions, dtype=torch.long))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.fast.logits(hidden) if self.fast is not None else self.model.logits(hidden)
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledSequence]) -> StepLogits:
+    def execute(self, scheduled: list[ScheduledSequence], trees: dict[int, DraftTree] | None = None) -> StepLogits:
+        """One forward. trees: scheduled entry index -> the draft tree rooted at that (decode) entry's token;
+        those entries are verified (tree_logits) instead of sampled here."""
         input_ids, batch = self.build_batch(scheduled)
-        hidden = self.hidden_states(input_ids, batch)
+        trees = {i: t for i, t in (trees or {}).items() if t.size > 1}
+        tree_step = None
+        if trees:
+            extra, tree_step = self.tree_rows(scheduled, trees)
+            input_ids = torch.cat([input_ids, torch.tensor(extra, dtype=torch.long, device=self.device)])
+        hidden = self.hidden_states(input_ids, batch, tree_step)
+        N0 = batch.positions.numel()
         rows, sample_seqs = [], []
         prompt_rows: list[tuple[ScheduledSequence, list[int], list[int]]] = []
         offset = 0
-        for entry in scheduled:
+        row_starts = []
+        tree_index: dict[int, list[int]] = {}
+        node_rows = iter(tree_step.rows) if tree_step is not None else iter(())
+        for i, entry in enumerate(scheduled):
+            row_starts.append(offset)
+            if i in trees:
+                nodes = next(node_rows)
+                tree_index[i] = [offset] + [N0 + nodes.start + j for j in range(nodes.num_nodes)]
+                offset += entry.num_tokens
+                continue
             seq, start = entry.seq, entry.seq.num_computed_tokens
             if seq.params.prompt_logprobs is not None:
                 # Row of position p predicts token p + 1; prompt tokens 1 .. num_prompt - 1 get logprobs.
@@ -124,4 +200,15 @@ class ModelRunner:
         sample_logits = self.logits(hidden[index]) if rows else hidden.new_zeros(0, self.model.config.vocab_size).float()
         prompt_logits = [(entry, self.logits(hidden[torch.tensor(r, device=self.device)]), ps)
                          for entry, r, ps in prompt_rows]
-        return StepLogits(sample_logits, sample_seqs, prompt_logits)
+        tree_logits, tree_hidden = {}, {}
+        if tree_index:  # one head call for every tree row of the step
+            order = [r for i in sorted(tree_index) for r in tree_index[i]]
+            th = hidden[torch.tensor(order, dtype=torch.long, device=self.device)]
+            tl = self.logits(th)
+            at = 0
+            for i in sorted(tree_index):
+                n = len(tree_index[i])
+                tree_logits[i], tree_hidden[i] = tl[at:at + n], th[at:at + n]
+                at += n
+        return StepLogits(sample_logits, sample_seqs, prompt_logits, hidden, row_starts, tree_logits, tree_hidden,
+                          tree_step)

@@ -40,8 +40,11 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: EngineConfig, blocks: BlockManager) -> None:
+    def __init__(self, config: EngineConfig, blocks: BlockManager, lookahead: int = 0) -> None:
         self.config = config
+        # Speculative decoding: a decode step also reserves pages for this many positions after its token (the
+        # accepted draft tokens' K/V is written there after verification); never preempts for them.
+        self.lookahead = lookahead
         self.blocks = blocks
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -83,7 +86,8 @@ class Scheduler:
                     break
             if seq.status is not SequenceStatus.RUNNING:
                 continue
-            self.blocks.allocate(seq, n)
+            extra = self.lookahead if want == 1 and self.blocks.can_allocate(seq, n + self.lookahead) else 0
+            self.blocks.allocate(seq, n + extra)
             scheduled.append(ScheduledSequence(seq, n))
             budget -= n
         budget = self.config.max_num_batched_tokens - sum(s.num_tokens for s in scheduled)

@@ -1,0 +1,219 @@
+"""EAGLE-2 drafting over one sequence: the draft's own sliding-window KV, fed with the target's hidden states,
+and the dynamic tree (MINICPM4.md §4.2-4.3; tree selection in speculative/tree.py).
+
+Pairs. The draft input at RoPE position t is (h_t, x_{t+1}): the target's final-normed hidden state at t and
+the token after it; its output feature predicts x_{t+2}. The target produces h_t when it computes position t
+(prefill chunks, verification); x_{t+1} is known once the token after it is (prompt, accepted draft or
+bonus token). Rows wait in `pending` until then and are fed in one draft forward right before drafting.
+
+Window. The draft attends to the keys of the last `window` positions (CPM.cu --spec-window-size 1024). A
+one-layer draft's key at t depends on its own input only, so only the last `window` pairs ever matter:
+older pending rows are dropped unfed, and the KV is trimmed (a long prompt costs the draft at most `window`
+rows).
+
+Tree. With r the root (the last committed token, position P) and f0 the feature of pair (h_{P-1}, r):
+depth 0 = the topk best tokens of head(f0); iteration d = 1 .. num_iter-1 feeds the frontier's pairs
+(feature of the parent, token) at position P + d - 1 in one batched forward, each node attending to the
+committed window, its ancestors' tree keys and itself (a tree mask); the tree keys are discarded after
+the step (verification's accepted tokens are fed again with the target's real hidden states, as CPM.cu does).
+
+FR-Spec: with an index (speculative/frspec.py, data/frspec.py) the head is the rows V_high of the target's
+head and the top-k ids are mapped back through it before the next embedding lookup and in the tree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from minicpm4.attention.dense import grouped_attention
+from minicpm4.attention.metadata import AttentionMetadata
+from minicpm4.model import MiniCPMForCausalLM
+from minicpm4.speculative.draft_model import EagleDraft
+from minicpm4.speculative.tree import CandidateHistory, DraftTree, TreeShape, select_tree, single_node_tree
+
+# CPM.cu --spec-window-size: the draft's sliding attention window (TriForce-style; TR: keeps the first-token
+# latency low and improves draft accuracy).
+DEFAULT_WINDOW = 1024
+
+
+@dataclass
+class DraftState:
+    """One sequence's draft cache: keys/values [Hkv, n, D] (post-RoPE) at positions `pos` [n], the pending
+    target rows (hidden [m, H] for positions pending_start ..), and the feature of the last fed pair."""
+
+    k: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+    pos: torch.Tensor | None = None  # int64 [n]
+    pending: list[torch.Tensor] = field(default_factory=list)
+    pending_start: int = 0
+    pending_len: int = 0
+    feature: torch.Tensor | None = None  # [H]: output of the pair at position feature_pos
+    feature_pos: int = -1
+
+    @property
+    def pending_end(self) -> int:
+        return self.pending_start + self.pending_len
+
+
+class _WindowAttention:
+    """The draft layer's attention backend: this call's queries against `ctx` keys plus their own keys, under
+    `mask` [N, S + N]. Records the call's keys/values (the caller keeps or drops them)."""
+
+    needs_pre_rope = False
+
+    def __init__(self) -> None:
+        self.ctx_k = self.ctx_v = self.mask = None
+        self.new_k = self.new_v = None
+
+    def __call__(self, layer_idx, q, k, v, meta, pre_rope=None):  # q [1, Hq, N, D], k/v [1, Hkv, N, D]
+        self.new_k, self.new_v = k[0], v[0]
+        keys = k if self.ctx_k is None else torch.cat([self.ctx_k[None], k], dim=2)
+        values = v if self.ctx_v is None else torch.cat([self.ctx_v[None], v], dim=2)
+        return grouped_attention(q, keys, values, self.mask[None])
+
+
+class EagleDrafter:
+    """Drafts trees for many sequences (one DraftState each, keyed by the caller); not thread-safe (the engine
+    has one owner thread)."""
+
+    def __init__(self, target: MiniCPMForCausalLM, draft: EagleDraft, shape: TreeShape | None = None,
+                 frspec_ids: torch.Tensor | None = None, window: int = DEFAULT_WINDOW,
+                 context_len: int | None = None) -> None:
+        self.target, self.draft = target, draft.to(target.device).eval()
+        # The length LongRoPE picks its factors by: the engine's max_model_len, as for the target's own rows.
+        self.context_len = context_len or target.config.max_position_embeddings
+        self.shape = shape or TreeShape()
+        self.window = window
+        self.states: dict[object, DraftState] = {}
+        self.attn = _WindowAttention()
+        self.draft_dtype = next(draft.parameters()).dtype
+        head = target.output_weight if target.lm_head is None or hasattr(target.lm_head, "weight") else None
+        if head is None:  # a packed head (minicpm4.quant): drafting reads a dense copy of the rows it uses
+            from minicpm4.quant.linear import dense_weight
+
+            head = dense_weight(target.lm_head)
+        self.ids = None if frspec_ids is None else frspec_ids.to(torch.long).to(target.device)
+        head = head.detach()
+        self.head = (head if self.ids is None else head[self.ids]).to(self.draft_dtype).contiguous()  # [V', H]
+
+    # ---- state --------------------------------------------------------------------------------------------
+    def drop(self, key: object) -> None:
+        self.states.pop(key, None)
+
+    def observe(self, key: object, hidden: torch.Tensor, first_pos: int) -> None:
+        """The target computed hidden [m, H] for positions first_pos .. first_pos + m - 1 of sequence `key`."""
+        st = self.states.setdefault(key, DraftState())
+        if first_pos != st.pending_end:
+            if first_pos < st.pending_end or st.pending_len or st.feature_pos != first_pos - 1:
+                # A gap or a rewind (prefix-cache hit, preemption): start over from these rows.
+                self.states[key] = st = DraftState(pending_start=first_pos)
+            else:
+                st.pending_start = first_pos
+        st.pending.append(hidden.detach())
+        st.pending_len += hidden.shape[0]
+        self._trim_pending(st)
+
+    def _trim_pending(self, st: DraftState) -> None:
+        extra = st.pending_len - self.window
+        if extra <= 0:
+            return
+        rows = torch.cat(st.pending)[extra:]
+        st.pending, st.pending_start, st.pending_len = [rows], st.pending_start + extra, rows.shape[0]
+
+    # ---- the draft forward ------------------------------------------------------------------------------
+    def _forward(self, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
+                 ctx_k: torch.Tensor | None, ctx_v: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
+        """tokens [N], hidden [N, H], positions [N] -> draft features [N, H]; keys of the call in self.attn."""
+        d, t = self.draft, self.target
+        x = d.fuse_inputs(t, tokens, hidden.to(self.draft_dtype))[None]  # [1, N, H]
+        cos, sin = t.rotary(positions[None], max(int(positions.max()) + 1, self.context_len))
+        self.attn.ctx_k, self.attn.ctx_v, self.attn.mask = ctx_k, ctx_v, mask
+        meta = AttentionMetadata(positions=positions[None])
+        return d.layer(x, cos.to(x.dtype), sin.to(x.dtype), meta, self.attn)[0]
+
+    def _window_mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        return (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] > q_pos[:, None] - self.window)
+
+    def _feed(self, st: DraftState, token_ids: list[int]) -> None:
+        """Feed every pending pair whose next token is known."""
+        n = min(st.pending_len, len(token_ids) - 1 - st.pending_start)
+        if n <= 0:
+            return
+        rows = torch.cat(st.pending)
+        hidden, rest = rows[:n], rows[n:]
+        dev = hidden.device
+        positions = torch.arange(st.pending_start, st.pending_start + n, device=dev)
+        tokens = torch.tensor(token_ids[st.pending_start + 1:st.pending_start + 1 + n], dtype=torch.long, device=dev)
+        if st.pos is not None:  # keys the first new row can still see
+            keep = st.pos > st.pending_start - self.window
+            st.k, st.v, st.pos = st.k[:, keep], st.v[:, keep], st.pos[keep]
+        k_pos = positions if st.pos is None else torch.cat([st.pos, positions])
+        mask = self._window_mask(positions, k_pos)
+        feats = self._forward(tokens, hidden, positions, st.k, st.v, mask)
+        new_k, new_v = self.attn.new_k, self.attn.new_v
+        st.k = new_k if st.k is None else torch.cat([st.k, new_k], dim=1)
+        st.v = new_v if st.v is None else torch.cat([st.v, new_v], dim=1)
+        st.pos = k_pos
+        st.feature, st.feature_pos = feats[-1], int(positions[-1])
+        st.pending, st.pending_start, st.pending_len = ([rest] if rest.shape[0] else []), st.pending_start + n, rest.shape[0]
+
+    def _logp(self, features: torch.Tensor) -> torch.Tensor:
+        """features [N, H] -> log-probabilities over the draft vocabulary [N, V'] (fp32)."""
+        x = self.draft.head_input(features) / self.target.config.logit_divisor
+        return torch.log_softmax(F.linear(x, self.head).float(), dim=-1)
+
+    def _full_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        return ids if self.ids is None else self.ids[ids]
+
+    # ---- drafting ---------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def draft_tree(self, key: object, token_ids: list[int], shape: TreeShape | None = None) -> DraftTree:
+        """The tree rooted at token_ids[-1] (position len - 1). A single-node tree when the draft has not seen
+        the pair that ends at the root (then verification is a plain decode step)."""
+        shape = shape or self.shape
+        root, P = token_ids[-1], len(token_ids) - 1
+        st = self.states.get(key)
+        if st is None:
+            return single_node_tree(root)
+        self._feed(st, token_ids)
+        if st.feature is None or st.feature_pos != P - 1 or shape.tree_size <= 1:
+            return single_node_tree(root)
+        k = shape.topk_per_iter
+        hist = CandidateHistory()
+        lp = self._logp(st.feature[None])[0]
+        top = lp.topk(min(k, lp.numel()))
+        tokens = self._full_ids(top.indices)
+        front_idx = hist.add(tokens, top.values, torch.full_like(top.indices, -1))
+        front_tokens, front_scores = tokens, top.values
+        front_feat = st.feature[None].expand(tokens.numel(), -1)
+        dev = front_feat.device
+        tree_k = tree_v = None
+        anc = torch.zeros(tokens.numel(), 0, dtype=torch.bool, device=dev)  # frontier x tree keys so far
+        win = st.pos > P - 1 - self.window
+        ctx_k0, ctx_v0, ctx_pos = st.k[:, win], st.v[:, win], st.pos[win]
+        for d in range(1, shape.num_iter):
+            n = front_tokens.numel()
+            pos = torch.full((n,), P + d - 1, dtype=torch.long, device=dev)
+            committed = self._window_mask(pos, ctx_pos)
+            mask = torch.cat([committed, anc, torch.eye(n, dtype=torch.bool, device=dev)], dim=1)
+            ctx_k = ctx_k0 if tree_k is None else torch.cat([ctx_k0, tree_k], dim=1)
+            ctx_v = ctx_v0 if tree_v is None else torch.cat([ctx_v0, tree_v], dim=1)
+            feats = self._forward(front_tokens, front_feat, pos, ctx_k, ctx_v, mask)
+            tree_k = self.attn.new_k if tree_k is None else torch.cat([tree_k, self.attn.new_k], dim=1)
+            tree_v = self.attn.new_v if tree_v is None else torch.cat([tree_v, self.attn.new_v], dim=1)
+            lp = self._logp(feats)  # [n, V']
+            top = lp.topk(min(k, lp.shape[-1]), dim=-1)
+            cum = front_scores[:, None] + top.values  # [n, k]
+            child_tokens = self._full_ids(top.indices)
+            idx = hist.add(child_tokens, cum, front_idx[:, None].expand_as(cum))
+            best = cum.reshape(-1).topk(min(k, cum.numel())).indices
+            rows = best // cum.shape[1]
+            own = torch.zeros(rows.numel(), n, dtype=torch.bool, device=dev)
+            own[torch.arange(rows.numel(), device=dev), rows] = True
+            anc = torch.cat([anc[rows], own], dim=1)
+            front_tokens, front_scores = child_tokens.reshape(-1)[best], cum.reshape(-1)[best]
+            front_feat, front_idx = feats[rows], idx.reshape(-1)[best.cpu()]
+        return select_tree(root, hist, shape.tree_size)
