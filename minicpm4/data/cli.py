@@ -1,5 +1,6 @@
-"""`minicpm4 data build-corpus | shards | build-sft` and `minicpm4 tokenizer train`: thin wrappers over
-corpus.build_corpus, shards.write_shards, sft_synth.build_sft and tokenizer_train.train_tokenizer.
+"""`minicpm4 data build-corpus | shards | build-sft`, `minicpm4 tokenizer train` and `minicpm4 frspec-index`: thin
+wrappers over corpus.build_corpus, shards.write_shards, sft_synth.build_sft, tokenizer_train.train_tokenizer and
+frspec.build_frspec_index.
 Defaults are the paths `make corpus` uses (build/data/...), relative to the current folder."""
 
 from __future__ import annotations
@@ -90,6 +91,36 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     print(f"vocab {tok.vocab_size}, bos {tok.bos_token_id}, eos {tok.eos_token_id} ({tok.eos_token}) -> {out}")
 
 
+def _int_list(value: str, flag: str, least: int) -> tuple[int, ...]:
+    from minicpm4.errors import UserError
+
+    try:
+        values = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise UserError(f"{flag} {value}: expected comma-separated integers, e.g. 8192,16384,32768") from None
+    if not values or min(values) < least:
+        raise UserError(f"{flag} {value}: expected integers >= {least}")
+    return values
+
+
+def cmd_frspec_index(args: argparse.Namespace) -> None:
+    from minicpm4.data.frspec import FRSpecIndexConfig, build_frspec_index, print_summary
+    from minicpm4.errors import UserError
+
+    if args.model is not None and not args.model.is_dir():
+        raise UserError(f"--model {args.model}: not a folder")
+    for path in args.corpus:
+        if not path.exists():
+            raise UserError(f"--corpus {path}: no such file or folder")
+    if args.max_lines < 0:
+        raise UserError(f"--max-lines {args.max_lines}: expected 0 (everything) or a positive count")
+    eos = None if args.eos_ids is None else _int_list(args.eos_ids, "--eos-ids", 0)
+    config = FRSpecIndexConfig(sources=tuple(args.corpus), out_dir=args.out, model_dir=args.model,
+                               sizes=_int_list(args.sizes, "--sizes", 1), max_lines=args.max_lines or None,
+                               split=args.split, add_bos=args.add_bos, eos_ids=eos, show_progress=not args.quiet)
+    print_summary(build_frspec_index(config))
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="build the offline corpus, token shards and SFT data")
     steps = data.add_subparsers(dest="data_command", metavar="STEP")
@@ -135,3 +166,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-frequency", type=int, default=2, help="least count of a merged pair (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_tokenizer_train)
+
+    from minicpm4.data.frspec import DEFAULT_MAX_LINES, DEFAULT_SIZES
+
+    p = sub.add_parser("frspec-index", help="FR-Spec: rank token ids by corpus frequency, write freq_N.pt (CPM.cu) "
+                       "and frspec.json")
+    p.add_argument("--model", "-m", type=Path, metavar="DIR", default=None,
+                   help="model folder whose tokenizer and vocab size count (default: the bundled default model)")
+    p.add_argument("--corpus", type=Path, action="append", required=True, metavar="PATH",
+                   help="repeatable: a text file (one line = one text), a .jsonl with a \"text\" field, or a corpus "
+                   "folder from `minicpm4 data build-corpus`")
+    p.add_argument("--split", choices=["train", "val"], default="train", help="split of a corpus folder "
+                   "(default: %(default)s)")
+    p.add_argument("--sizes", default=",".join(map(str, DEFAULT_SIZES)),
+                   help="comma-separated index sizes N; sizes above the vocab size are clamped to it "
+                   "(default: %(default)s, CPM.cu's)")
+    p.add_argument("--max-lines", type=int, default=DEFAULT_MAX_LINES,
+                   help="texts read over all sources; 0 = all (default: %(default)s, as CPM.cu over wikitext-103)")
+    p.add_argument("--add-bos", action="store_true", help="count a BOS per text (CPM.cu's HF encode does)")
+    p.add_argument("--eos-ids", default=None, metavar="IDS",
+                   help="comma-separated ids forced into every index (default: config.json eos_token_id + the "
+                   "tokenizer's eos_token)")
+    p.add_argument("--out", type=Path, default=DATA / "frspec", help="output folder (default: %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_frspec_index)

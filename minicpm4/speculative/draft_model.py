@@ -17,6 +17,7 @@ layer count and checks scale_depth / dim_model_base / scale_emb against the targ
 The two parity traps of §4.2 are named options (DraftOptions), stored in config.json under `draft_*` keys:
   residual_scale  "cpmcu": scale_depth / sqrt(L_target + 1) (CPM.cu, the released draft's engine; default)
                   "vllm":  scale_depth / sqrt(mup_denominator)
+                  "mtp":   scale_depth / sqrt(L_target), the target's own (our MTP head's layer, minicpm4/mtp.py)
   output_scale    "none":  the layer output goes to the head as is (CPM.cu; default)
                   "width": divided by hidden_size / dim_model_base first (vLLM, = the target's muP divisor)
 A positive output scale does not change one step's top-k but changes log-probabilities, hence the cumulative
@@ -39,7 +40,7 @@ from minicpm4.config import MiniCPMConfig
 from minicpm4.io import atomic_paths
 from minicpm4.model import DecoderLayer, MiniCPMForCausalLM, RMSNorm
 
-RESIDUAL_SCALES = ("cpmcu", "vllm")
+RESIDUAL_SCALES = ("cpmcu", "vllm", "mtp")
 OUTPUT_SCALES = ("none", "width")
 WEIGHTS_FILE = "model.safetensors"
 
@@ -50,6 +51,10 @@ class DraftOptions:
     output_scale: str = "none"
     fc_bias: bool = False  # the release has none; CPM.cu accepts one (it loads it into fc1)
     final_norm: bool = False  # apply `norm` before the head: drafts converted from our MTP head (trained so)
+    # input_norm1's eps; None = the target's rms_norm_eps. Our MTP head normalises Embed(x) where the format
+    # normalises Embed(x) * scale_emb: RMSNorm is scale-invariant except for eps, so a converted head uses
+    # eps * scale_emb^2 to compute the same function.
+    embed_norm_eps: float | None = None
 
     def __post_init__(self) -> None:
         if self.residual_scale not in RESIDUAL_SCALES:
@@ -61,6 +66,8 @@ class DraftOptions:
 def residual_scale(target: MiniCPMConfig, mode: str) -> float:
     if mode == "cpmcu":
         return target.scale_depth / math.sqrt(target.num_hidden_layers + 1)
+    if mode == "mtp":
+        return target.residual_scale
     if target.mup_denominator is None:
         raise ValueError("DraftOptions.residual_scale='vllm' needs mup_denominator in the config")
     return target.scale_depth / math.sqrt(target.mup_denominator)
@@ -79,7 +86,7 @@ class EagleDraft(nn.Module):
         self.options = options = options or DraftOptions()
         self.target_config = target
         h = target.hidden_size
-        self.input_norm1 = RMSNorm(h, target.rms_norm_eps)
+        self.input_norm1 = RMSNorm(h, target.rms_norm_eps if options.embed_norm_eps is None else options.embed_norm_eps)
         self.input_norm2 = RMSNorm(h, target.rms_norm_eps)
         self.fc = nn.Linear(2 * h, h, bias=options.fc_bias)
         # layer_idx one past the target's stack, as the MTP head (a backend keyed by layer never collides).
@@ -127,8 +134,11 @@ def draft_from_mtp(mtp, target: MiniCPMConfig, options: DraftOptions | None = No
     """An EagleDraft from the pretraining MTP head (minicpm4/mtp.py): the same shapes, copied exactly. The
     projection's columns are reordered to the embedding-first layout when the head was trained hidden-first.
     The MTP head applies a final norm before the shared head, so the converted draft runs with
-    final_norm=True (the format's `norm.weight`, which the released draft defines but does not use)."""
-    options = options or DraftOptions(final_norm=True)
+    final_norm=True (the format's `norm.weight`, which the released draft defines but does not use); its
+    layer keeps the MTP layer's residual scale (residual_scale="mtp") and its embedding norm the eps that
+    makes Norm(Embed(x) * scale_emb) equal the MTP head's Norm(Embed(x)) (DraftOptions.embed_norm_eps)."""
+    options = options or DraftOptions(residual_scale="mtp", final_norm=True,
+                                      embed_norm_eps=target.rms_norm_eps * target.scale_emb ** 2)
     draft = EagleDraft(target, options).to(mtp.proj.weight.dtype)
     h = target.hidden_size
     w = mtp.proj.weight.detach()
@@ -150,6 +160,7 @@ def save_draft(draft: EagleDraft, folder: str | os.PathLike, extra: dict | None 
     cfg = draft_config(draft.target_config).to_dict()
     cfg.update({"architectures": ["MiniCPMEagleDraft"], "draft_residual_scale": draft.options.residual_scale,
                 "draft_output_scale": draft.options.output_scale, "draft_final_norm": draft.options.final_norm,
+                **({} if draft.options.embed_norm_eps is None else {"draft_embed_norm_eps": draft.options.embed_norm_eps}),
                 "draft_target_layers": draft.target_config.num_hidden_layers, **(extra or {})})
     tensors = {k: v.detach().contiguous().cpu() for k, v in draft.state_dict().items()}
     with atomic_paths({"w": folder / WEIGHTS_FILE, "c": folder / "config.json"}) as tmp:
@@ -196,7 +207,8 @@ def load_draft(folder: str | os.PathLike, target: MiniCPMConfig, options: DraftO
     if options is None:
         options = DraftOptions(residual_scale=cfg.get("draft_residual_scale", "cpmcu"),
                                output_scale=cfg.get("draft_output_scale", "none"), fc_bias="fc.bias" in state,
-                               final_norm=bool(cfg.get("draft_final_norm", False)))
+                               final_norm=bool(cfg.get("draft_final_norm", False)),
+                               embed_norm_eps=cfg.get("draft_embed_norm_eps"))
     draft = EagleDraft(target, options)
     if "norm.weight" not in state:  # unused by the forward; some exports omit it
         state["norm.weight"] = torch.ones(target.hidden_size)

@@ -48,14 +48,16 @@ class TreeStep:
 
 
 def attention_with_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """q [m, Hq, D], k/v [S, Hkv, D], mask [m, S] -> [m, Hq, D] in q's dtype; fp32 softmax (as the paged kernel)."""
+    """q [m, Hq, D], k/v [S, Hkv, D], mask [m, S] (or per KV head [Hkv, m, S]) -> [m, Hq, D] in q's dtype;
+    fp32 softmax (as the paged kernel)."""
     m, Hq, D = q.shape
     Hkv = k.shape[1]
     G = Hq // Hkv
     qf = q.float().view(m, Hkv, G, D).transpose(0, 1).reshape(Hkv, m * G, D)  # rows t-major, heads inner
     kf, vf = k.float().transpose(0, 1), v.float().transpose(0, 1)  # [Hkv, S, D]
     scores = (qf @ kf.transpose(1, 2)) * (1.0 / math.sqrt(D))  # [Hkv, m*G, S]
-    scores = scores.view(Hkv, m, G, -1).masked_fill(~mask[None, :, None], float("-inf"))
+    mask = mask if mask.dim() == 3 else mask[None]
+    scores = scores.view(Hkv, m, G, -1).masked_fill(~mask[:, :, None], float("-inf"))
     out = scores.softmax(-1).view(Hkv, m * G, -1) @ vf  # [Hkv, m*G, D]
     return out.view(Hkv, m, G, D).transpose(0, 1).reshape(m, Hq, D).to(q.dtype)
 

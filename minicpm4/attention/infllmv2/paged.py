@@ -33,8 +33,9 @@ layer: decode of 16 sequences at 8K: auto 43-82 ms, kernel 72-128 ms, gather 148
 dense 1245 ms; 512 queries at 32K: auto 771 ms, gather 1836 ms, dense 3890 ms.
 
 Queries must sit at consecutive positions context_len - query_len .. context_len - 1 of their sequence
-(prefill chunks and decode; what the runner builds). Tree verification, whose positions are not slots,
-is not supported here. use_nope (selection with pre-RoPE q/k) is not supported: MiniCPM4 checkpoints
+(prefill chunks and decode; what the runner builds). Draft-tree rows, whose positions are not slots, go
+through speculative/tree_sparse.py instead (the tree's root is an ordinary decode row here).
+use_nope (selection with pre-RoPE q/k) is not supported: MiniCPM4 checkpoints
 have use_nope false.
 """
 
@@ -149,6 +150,14 @@ class PagedInfLLMv2Attention(PagedAttention):
         if st is not None:
             for layer in st.layers.values():
                 layer.invalidate([(page, 0) for page in pages])
+
+    def note_external_writes(self, cache: PagedKVCache, writes: list[tuple[int, int]]) -> None:
+        """(page, first offset) pairs written outside attend() (speculative decoding's accepted draft K/V,
+        speculative/tree_attention.py): the write rule drops the compressed entries that covered them."""
+        st = self._states.get(cache)
+        if st is not None:
+            for layer in st.layers.values():
+                layer.invalidate(writes)
 
     def step_info(self, batch: PagedBatch) -> _Step:
         if self._step is None or self._step.batch is not batch:

@@ -1,0 +1,93 @@
+"""InfLLM v2 inside tree verification: each draft node attends what plain decoding of its path would.
+
+Node i sits at position p_i = P + depth_i (P: the root, the last committed key). Plain decoding of the path
+root → … → i would, at p_i, select blocks from the compressed keys of keys 0 .. p_i: the committed windows
+(the layer's paged C1 / C2, brought up to date to P + 1 keys exactly as the root's own decode row does) plus
+the windows that end inside the path, P + 1 .. p_i, whose keys are partly the path's draft keys. Those few
+path-specific windows (at most ceil(depth / stride)) are computed per node from the committed tail and the
+node's ancestors' keys, so no draft key ever enters the shared C1 / C2 (MINICPM4.md §3.7), and the
+selection equals plain decoding's. Stage 2: the node attends the keys of its attended blocks (per KV head)
+among the committed ones and among its path (ancestors + itself); only the union of the attended committed
+blocks of the sequence's nodes is gathered, not the whole cache. Nodes below dense_len attend densely.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from minicpm4.attention.infllmv2.blocksparse import attended_blocks
+from minicpm4.attention.infllmv2.compress import compress_keys, num_windows
+from minicpm4.attention.infllmv2.paged_cache import PagedKernelEntries, gather_slots
+from minicpm4.attention.infllmv2.selection import select_blocks
+from minicpm4.attention.paged import PagedKVCache
+from minicpm4.speculative.tree_attention import TreeRows, attention_with_mask, tree_attention_dense
+
+
+def per_node_windows(entries: PagedKernelEntries, pool: torch.Tensor, rows: TreeRows,
+                     node_keys: torch.Tensor) -> torch.Tensor:
+    """Compressed keys each node's selection sees: [Hkv, m, n, D] fp32 (n = the most any node has; a node's
+    entries past its own are never visible to it, select_blocks masks them by position).
+    node_keys [Hkv, m, D]: the nodes' post-RoPE keys of this layer."""
+    p, s = entries.kernel_size, entries.kernel_stride
+    L = rows.root_pos + 1
+    committed = entries.up_to(pool, rows.block_table, L)  # [Hkv, n1, D]
+    Hkv, n1, D = committed.shape
+    m = rows.num_nodes
+    counts = [num_windows(q + 1, p, s) - n1 for q in rows.positions]
+    x = max(counts)
+    out = committed[:, None].expand(Hkv, m, n1, D)
+    if x <= 0:
+        return out
+    extra = committed.new_zeros(Hkv, m, x, D)
+    base = n1 * s  # the first path window starts here (it needs committed keys base .. P)
+    tail = gather_slots(pool, rows.block_table, base, L) if base < L else pool.new_zeros(Hkv, 0, D)
+    for i, c in enumerate(counts):
+        if c <= 0:
+            continue
+        path = [j for j in range(m) if rows.ancestors[i, j]]  # node order = depth order along one path
+        keys = torch.cat([tail, node_keys[:, path].to(tail.dtype)], dim=1)  # positions base .. p_i
+        extra[:, i, :c] = compress_keys(keys, p, s)[:, :c]
+    return torch.cat([out, extra], dim=2)
+
+
+def tree_attention_sparse(backend, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          cache: PagedKVCache, rows: TreeRows) -> torch.Tensor:
+    """q [m, Hq, D], k/v [m, Hkv, D] of one sequence's nodes -> [m, Hq, D] (module docstring). `backend` is the
+    engine's PagedInfLLMv2Attention (its settings and the layer's paged compressed keys)."""
+    s = backend.settings
+    k_pool, v_pool = cache.k[layer_idx], cache.v[layer_idx]
+    positions = rows.positions
+    if all(p + 1 < s.dense_len for p in positions):
+        return tree_attention_dense(q, k, v, k_pool, v_pool, rows)
+    dev = q.device
+    B, P = s.block_size, rows.root_pos
+    m = rows.num_nodes
+    layer = backend.state(cache).layer(layer_idx, dev)
+    node_keys = k.transpose(0, 1)  # [Hkv, m, D]
+    c1 = per_node_windows(layer.c1, k_pool, rows, node_keys)
+    c2 = None if layer.c2 is None else per_node_windows(layer.c2, k_pool, rows, node_keys)
+    pos = torch.tensor(positions, dtype=torch.long, device=dev)
+    block_idx = select_blocks(q.transpose(0, 1), c1, c2, pos, max(positions) + 1, s)  # [Hkv, m, K]
+    lists = attended_blocks(pos, block_idx, s)  # [Hkv, m, NB] logical ids, -1 padded
+    Hkv = lists.shape[0]
+    nb = max(positions) // B + 1
+    vis = torch.zeros(Hkv, m, nb + 1, dtype=torch.bool, device=dev)  # column nb: the -1 padding's sink
+    vis.scatter_(2, torch.where(lists >= 0, lists, nb), True)
+    vis = vis[..., :nb]
+    dense = pos + 1 < s.dense_len
+    vis[:, dense] = True
+    # Committed keys: the union of every node's attended committed blocks, gathered once.
+    nbc = P // B + 1
+    used = vis[..., :nbc].any(dim=1).any(dim=0).nonzero().flatten().tolist()
+    pages = torch.tensor([rows.block_table[b] for b in used], dtype=torch.long, device=dev)
+    kc = k_pool[pages].transpose(0, 1).reshape(Hkv, len(used) * B, -1)  # [Hkv, U*B, D]
+    vc = v_pool[pages].transpose(0, 1).reshape(Hkv, len(used) * B, -1)
+    key_pos = (torch.tensor(used, device=dev)[:, None] * B + torch.arange(B, device=dev)).flatten()  # [U*B]
+    used_t = torch.tensor(used, dtype=torch.long, device=dev)
+    committed = vis[:, :, used_t].repeat_interleave(B, dim=2) & (key_pos <= P)  # [Hkv, m, U*B]
+    node_block = pos // B
+    path = rows.ancestors.to(dev)[None] & vis[:, :, node_block]  # [Hkv, m, m]: ancestor j's block attended by i
+    mask = torch.cat([committed, path], dim=2)
+    keys = torch.cat([kc, node_keys.to(kc.dtype)], dim=1).transpose(0, 1)  # [S, Hkv, D]
+    values = torch.cat([vc, v.transpose(0, 1).to(vc.dtype)], dim=1).transpose(0, 1)
+    return attention_with_mask(q, keys, values, mask)

@@ -1,0 +1,51 @@
+"""Test drafters: an oracle that knows the reference continuation (so long paths are accepted and the KV
+commit is exercised), mixed with wrong siblings (so rejection is exercised too)."""
+
+from __future__ import annotations
+
+import torch
+
+from minicpm4.speculative.tree import DraftTree, TreeShape, single_node_tree
+
+
+class OracleDrafter:
+    """Trees whose one branch follows `continuations` (full token lists: prompt + reference output) for
+    `good_depth` levels, with `wrong` random siblings at every level and a random tail below."""
+
+    def __init__(self, continuations: list[list[int]], good_depth: int = 2, depth: int = 3, wrong: int = 1,
+                 seed: int = 3, vocab: int = 1000) -> None:
+        self.full = continuations
+        self.good_depth, self.depth, self.wrong = good_depth, depth, wrong
+        self.shape = TreeShape(num_iter=depth, topk_per_iter=wrong + 1, tree_size=min(64, 1 + depth * (wrong + 1)))
+        self.rng = torch.Generator().manual_seed(seed)
+        self.vocab = vocab
+        self.seen: dict[object, int] = {}
+
+    def observe(self, key, hidden, first_pos) -> None:
+        self.seen[key] = first_pos + hidden.shape[0]
+
+    def drop(self, key) -> None:
+        self.seen.pop(key, None)
+
+    def _add(self, tree: DraftTree, parent: int, token: int) -> int:
+        node = len(tree.tokens)
+        tree.tokens.append(token)
+        tree.parents.append(parent)
+        tree.depths.append(tree.depths[parent] + 1)
+        tree.children.append({})
+        tree.children[parent].setdefault(token, node)
+        return node
+
+    def draft_tree(self, key, token_ids: list[int], shape=None) -> DraftTree:
+        full = next((f for f in self.full if f[:len(token_ids)] == token_ids), None)
+        tree = single_node_tree(token_ids[-1])
+        P = len(token_ids) - 1
+        parent = 0
+        for d in range(1, self.depth + 1):
+            nxt = None
+            for _ in range(self.wrong):
+                nxt = self._add(tree, parent, int(torch.randint(3, self.vocab, (1,), generator=self.rng)))
+            if full is not None and d <= self.good_depth and P + d < len(full):
+                nxt = self._add(tree, parent, full[P + d])
+            parent = nxt
+        return tree
