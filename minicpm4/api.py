@@ -28,6 +28,8 @@ from minicpm4.tokenizer import StreamDecoder, Tokenizer
 BUNDLED_TOKENIZER_DIR = Path(__file__).parent / "assets" / "minicpm4-0.5b"
 # The small model trained by `make default-model` (see its README.md model card), when it ships.
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default-model"
+# Its EAGLE-2 draft (`make default-draft`, minicpm4/train/draft.py), used by `--draft default`.
+DEFAULT_DRAFT_DIR = DEFAULT_MODEL_DIR / "draft"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 
@@ -236,14 +238,14 @@ def from_pretrained(path: str | Path, dtype: str | torch.dtype | None = "auto", 
 
 def demo_pipeline(dtype: str | torch.dtype | None = "auto", seed: int = 0, sparse: bool | None = None,
                   sparse_variant: str | None = None, context_extension: str | None = None,
-                  engine: str = "engine") -> Pipeline:
+                  engine: str = "engine", **engine_options: Any) -> Pipeline:
     """A tiny RANDOMLY INITIALISED MiniCPM4 with the real MiniCPM4 tokenizer: it runs every code path
     but writes gibberish. It stands in until the trained default model ships (training issue)."""
     cfg = runtime_config(tiny(vocab_size=73448, eos_token_id=[2, 73440]), sparse, sparse_variant, context_extension)
     model = build_model(cfg, dtype=parse_dtype(dtype) or torch.float32, seed=seed)
     tokenizer = Tokenizer.from_pretrained(BUNDLED_TOKENIZER_DIR)
     return Pipeline(model, tokenizer, generation_defaults(BUNDLED_TOKENIZER_DIR),
-                    description="tiny random-init demo model (no trained weights yet)", engine=engine)
+                    description="tiny random-init demo model (no trained weights yet)", engine=engine, **engine_options)
 
 
 def has_default_model() -> bool:

@@ -36,6 +36,53 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
                    help="engine: the inference engine (paged KV, batching, fast forward); reference: the readable "
                    "reference path (minicpm4/generate.py) the engine is tested against")
     add_runtime_options(p)
+    add_speculative_options(p)
+
+
+def add_speculative_options(p: argparse.ArgumentParser) -> None:
+    from minicpm4.speculative.tree import DEFAULT_NUM_ITER, DEFAULT_TOPK_PER_ITER, DEFAULT_TREE_SIZE
+
+    g = p.add_argument_group("speculative decoding (engine only; lossless: greedy output is unchanged)")
+    g.add_argument("--draft", metavar="DIR", default=None,
+                   help="EAGLE-2 draft folder (MiniCPM4 Eagle format), or with --draft-mode chain a small MiniCPM "
+                   "model folder; 'default' = the draft shipped with the bundled default model")
+    g.add_argument("--draft-mode", choices=["eagle", "chain"], default="eagle")
+    g.add_argument("--frspec", metavar="PATH", default=None,
+                   help="FR-Spec index: a freq_{N}.pt file, a folder of them, or frspec.json (minicpm4 frspec-index)")
+    g.add_argument("--frspec-size", type=int, default=None, metavar="N", help="which freq_{N}.pt of a folder")
+    g.add_argument("--tree-size", type=int, default=DEFAULT_TREE_SIZE, help="nodes verified per step, root included")
+    g.add_argument("--spec-num-iter", type=int, default=DEFAULT_NUM_ITER, help="draft forwards per tree (its depth)")
+    g.add_argument("--spec-topk", type=int, default=DEFAULT_TOPK_PER_ITER, help="children per expanded node")
+    g.add_argument("--spec-window", type=int, default=1024, help="the EAGLE draft's sliding attention window")
+
+
+def speculative_options(args: argparse.Namespace) -> dict:
+    """{"speculative": SpeculativeConfig} when --draft is given, else {}."""
+    draft = getattr(args, "draft", None)
+    if draft is None:
+        for flag in ("frspec", "frspec_size"):
+            if getattr(args, flag, None) is not None:
+                raise UserError(f"--{flag.replace('_', '-')} needs --draft")
+        return {}
+    if getattr(args, "engine", "engine") != "engine":
+        raise UserError("--draft: speculative decoding runs in the engine; drop --engine reference")
+    from minicpm4.speculative.config import SpeculativeConfig
+    from minicpm4.speculative.tree import TreeShape
+
+    if draft == "default":
+        from minicpm4.api import DEFAULT_DRAFT_DIR
+
+        if not (DEFAULT_DRAFT_DIR / "config.json").is_file():
+            raise UserError("--draft default: no draft ships with the bundled default model")
+        draft = str(DEFAULT_DRAFT_DIR)
+    elif not Path(draft).is_dir():
+        raise UserError(f"--draft {draft}: not a folder")
+    try:
+        shape = TreeShape(args.spec_num_iter, args.spec_topk, args.tree_size)
+        return {"speculative": SpeculativeConfig(draft, args.draft_mode, shape, args.frspec, args.frspec_size,
+                                                 args.spec_window)}
+    except ValueError as e:
+        raise UserError(f"speculative decoding: {e}") from e
 
 
 def add_runtime_options(p: argparse.ArgumentParser) -> None:
@@ -56,7 +103,7 @@ def runtime_options(args: argparse.Namespace) -> dict:
             raise UserError("--sparse-variant needs sparse attention; drop --sparse off")
         sparse = True
     return {"sparse": sparse, "sparse_variant": args.sparse_variant, "context_extension": args.context,
-            "engine": getattr(args, "engine", "engine")}
+            "engine": getattr(args, "engine", "engine"), **speculative_options(args)}
 
 
 def add_sampling_options(p: argparse.ArgumentParser) -> None:
@@ -114,8 +161,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
     n_tokens = len(token_ids[0])
     seconds = time.perf_counter() - start
     print()
+    spec = ""
+    if pipe.engine == "engine" and pipe.engine_options.get("speculative") is not None:
+        st = pipe.llm.engine.stats
+        spec = f", {st.spec_tokens_total / max(st.spec_verify_total, 1):.2f} tokens per verification"
     print(f"[{prompt_tokens} prompt tokens, {n_tokens} generated in {seconds:.2f} s: "
-          f"{n_tokens / max(seconds, 1e-9):.1f} tokens/s]", file=sys.stderr)
+          f"{n_tokens / max(seconds, 1e-9):.1f} tokens/s{spec}]", file=sys.stderr)
 
 
 def cmd_chat(args: argparse.Namespace, stdin=None) -> None:

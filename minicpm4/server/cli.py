@@ -82,7 +82,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     pipe = load_pipeline(args)
     llm = LLM(model=pipe.model, tokenizer=pipe.tokenizer, kv_cache_tokens=args.kv_cache_tokens,
               max_num_seqs=args.max_num_seqs, max_waiting=args.max_waiting, max_model_len=args.max_model_len,
-              enable_prefix_caching=not args.no_prefix_caching)
+              enable_prefix_caching=not args.no_prefix_caching,
+              speculative=pipe.engine_options.get("speculative"))
     name = args.served_model_name or (Path(args.model).resolve().name if args.model else "minicpm4-default")
     app = create_app(AsyncLLM(llm, threads=args.threads), name, api_key=args.api_key or None,
                      max_request_bytes=args.max_request_bytes, defaults=pipe.defaults,

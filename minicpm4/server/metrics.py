@@ -38,7 +38,11 @@ class _EngineCollector:
                     ("prefix_cache_hit_tokens", "prompt tokens served from the prefix cache",
                      s.prefix_cache_hit_tokens_total),
                     ("preemptions", "requests preempted for lack of KV pages", s.preemptions_total),
-                    ("engine_steps", "engine steps run", s.steps_total))
+                    ("engine_steps", "engine steps run", s.steps_total),
+                    # speculative decoding: mean accepted length = spec_emitted_tokens / spec_verifications
+                    ("spec_verifications", "draft trees verified (one per request and step)", s.spec_verify_total),
+                    ("spec_emitted_tokens", "tokens emitted by verifications (accepted + bonus)", s.spec_tokens_total),
+                    ("spec_draft_tokens", "draft nodes verified", s.spec_draft_nodes_total))
         for name, doc, value in counters:
             yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)
 
