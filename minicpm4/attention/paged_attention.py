@@ -9,6 +9,11 @@ positions[i] < context_lens[s]). GQA: query head h reads KV head h // (Hq // Hkv
 softmax in fp32, output in q's dtype. Decode rows, prefill chunks and speculative verification rows are
 all just rows; a slot (block * B + offset) is where write_kv puts a token's key/value.
 
+Draft trees (speculative verification, optional): tree_base int64 [S] (-1: none) and tree_mask int64 [N]. Keys
+of sequence s from index tree_base[s] on are draft-tree nodes: row i sees such a key j only if bit
+j - tree_base[s] of tree_mask[i] is set (its ancestors and itself; at most 64 nodes), on top of j <= positions[i]
+(the tree's rows pass the last tree slot as their position). CPM.cu packs the same uint64 ancestor rows.
+
 Types: block_tables int32 [S, max_blocks] (entries past a sequence's context are never read and may
 hold anything); query_start_loc int32 [S + 1]; context_lens int32 [S]; positions int64 [N].
 query_start_loc and context_lens may also be Python int lists: the PyTorch paths need them as Python
@@ -55,9 +60,21 @@ def _gather(cache: torch.Tensor, table: torch.Tensor, num_keys: int) -> torch.Te
     return blocks.transpose(0, 1).reshape(Hkv, nb * B, D)[:, :num_keys]
 
 
+def _tree_visible(visible: torch.Tensor, rows_mask: torch.Tensor | None, base: int) -> torch.Tensor:
+    """visible [T, L] & the draft-tree rule for keys base .. L - 1 (module docstring)."""
+    if rows_mask is None or base < 0:
+        return visible
+    L = visible.shape[1]
+    j = torch.arange(L, device=visible.device)
+    bit = (j - base).clamp(min=0, max=63)
+    in_tree = ((rows_mask[:, None] >> bit[None, :]) & 1).bool() & (j - base < 64)
+    return visible & ((j < base)[None, :] | in_tree)
+
+
 def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                               block_tables: torch.Tensor, query_start_loc: IntsLike, context_lens: IntsLike,
-                              positions: torch.Tensor) -> torch.Tensor:
+                              positions: torch.Tensor, tree_mask: torch.Tensor | None = None,
+                              tree_base: IntsLike | None = None) -> torch.Tensor:
     """The spec (module docstring): q [N, Hq, D] -> out [N, Hq, D] in q's dtype, computed in fp32."""
     N, Hq, D = q.shape
     Hkv = k_cache.shape[1]
@@ -71,6 +88,8 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         v = _gather(v_cache, block_tables[s], L).float().repeat_interleave(Hq // Hkv, dim=0)
         scores = q[a:b].float().transpose(0, 1) @ k.transpose(1, 2) / math.sqrt(D)  # [Hq, T, L]
         visible = torch.arange(L, device=q.device)[None, :] <= positions[a:b, None]  # [T, L]
+        if tree_mask is not None:
+            visible = _tree_visible(visible, tree_mask[a:b], _ints(tree_base)[s])
         probs = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1)
         out[a:b] = (probs @ v).transpose(0, 1).to(q.dtype)
     return out
@@ -91,14 +110,16 @@ def _compute_dtype(q: torch.Tensor) -> torch.dtype:
 
 def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                           block_tables: torch.Tensor, query_start_loc: IntsLike, context_lens: IntsLike,
-                          positions: torch.Tensor) -> torch.Tensor:
+                          positions: torch.Tensor, tree_mask: torch.Tensor | None = None,
+                          tree_base: IntsLike | None = None) -> torch.Tensor:
     """The PyTorch fast path (any device): same contract as paged_attention_reference."""
     N, Hq, D = q.shape
     _, Hkv, B, _ = k_cache.shape
     qsl, ctx = _ints(query_start_loc), _ints(context_lens)
+    bases = _ints(tree_base) if tree_mask is not None else [-1] * len(ctx)
     cdt = _compute_dtype(q)
     out = torch.empty_like(q)
-    decode = sorted((L, s) for s, L in enumerate(ctx) if qsl[s + 1] - qsl[s] == 1)
+    decode = sorted((L, s) for s, L in enumerate(ctx) if qsl[s + 1] - qsl[s] == 1 and bases[s] < 0)
     i = 0
     while i < len(decode):  # buckets of decode rows with similar contexts: one padded gather + grouped matmul each
         j = i + 1
@@ -120,19 +141,25 @@ def paged_attention_torch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
         i = j
     for s, L in enumerate(ctx):  # prefill / multi-token chunks: one sequence at a time
         a, b = qsl[s], qsl[s + 1]
-        if b - a <= 1:
+        if b - a < 1 or (b - a == 1 and bases[s] < 0):
             continue
         nb = -(-L // B)
         k = _gather_tiles(k_cache, block_tables[s, :nb])[None, :, :L].to(cdt)  # [1, Hkv, L, D]
         v = _gather_tiles(v_cache, block_tables[s, :nb])[None, :, :L].to(cdt)
         qs = q[a:b].to(cdt).transpose(0, 1)[None]  # [1, Hq, T, D]
-        mask = torch.arange(L, device=q.device)[None, None, :] <= positions[None, a:b, None]  # [1, T, L]
+        mask = torch.arange(L, device=q.device)[None, :] <= positions[a:b, None]  # [T, L]
+        mask = _tree_visible(mask, tree_mask[a:b] if tree_mask is not None else None, bases[s])[None]  # [1, T, L]
         if b - a <= GROUPED_MATMUL_MAX_QUERIES:
             o = grouped_attention(qs, k, v, mask)
         else:
             o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask[:, None], enable_gqa=True)
         out[a:b] = o[0].transpose(0, 1).to(q.dtype)
     return out
+
+
+def _int64(x: IntsLike) -> torch.Tensor:
+    t = x if isinstance(x, torch.Tensor) else torch.tensor(list(x), dtype=torch.int64)
+    return t.to(torch.int64).contiguous()
 
 
 def _int32(x: IntsLike) -> torch.Tensor:
@@ -142,20 +169,24 @@ def _int32(x: IntsLike) -> torch.Tensor:
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     query_start_loc: IntsLike, context_lens: IntsLike, positions: torch.Tensor, *,
-                    impl: str = "auto", threads: int | None = None) -> torch.Tensor:
+                    impl: str = "auto", threads: int | None = None, tree_mask: torch.Tensor | None = None,
+                    tree_base: IntsLike | None = None) -> torch.Tensor:
     """Same contract as paged_attention_reference. impl: "auto" (kernel when paged_kernel.supports, else
     torch), "kernel", "torch". threads: kernel worker threads (default torch.get_num_threads())."""
     if impl not in IMPLS:
         raise ValueError(f"paged_attention impl must be one of {IMPLS}, got {impl!r}")
     use_kernel = impl == "kernel" or (impl == "auto" and paged_kernel.supports(q, k_cache))
     if not use_kernel:
-        return paged_attention_torch(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, positions)
+        return paged_attention_torch(q, k_cache, v_cache, block_tables, query_start_loc, context_lens, positions,
+                                     tree_mask, tree_base)
     if not paged_kernel.supports(q, k_cache):
         raise RuntimeError("the paged attention CPU kernel does not apply here (not built, not CPU fp32/bf16 "
                            "tensors, head dim not a multiple of 16, or a non-contiguous cache tile)")
     return paged_kernel.forward(q, k_cache, v_cache, block_tables.to(torch.int32).contiguous(),
                                 _int32(query_start_loc), _int32(context_lens),
-                                positions.to(torch.int64).contiguous(), threads=threads)
+                                positions.to(torch.int64).contiguous(), threads=threads,
+                                tree_mask=None if tree_mask is None else tree_mask.to(torch.int64).contiguous(),
+                                tree_base=None if tree_mask is None else _int64(tree_base))
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

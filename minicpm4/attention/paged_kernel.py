@@ -283,7 +283,7 @@ static inline typename VT<V>::U bf16_bits(V x) {  // round to nearest even, as 3
 // (round to nearest even; p[n] = 0 when n is odd), the operand layout of vdpbf16ps. l sums the fp32 p.
 template <typename V>
 static void softmax_block(float* S, int64_t Rp, int64_t n, int64_t start, bool mask, const int32_t* rowpos,
-                          float* m, float* l, float* alpha, uint32_t* pp) {
+                          float* m, float* l, float* alpha, uint32_t* pp, const uint64_t* tbits, int64_t tbase) {
     typedef typename VT<V>::I I;
     const int W = VT<V>::W;
     for (int64_t rc = 0; rc < Rp; rc += W) {
@@ -295,6 +295,14 @@ static void softmax_block(float* S, int64_t Rp, int64_t n, int64_t start, bool m
             for (int64_t j = 0; j < n; ++j) {
                 V s = ld<V>(S + j * Rp + rc);
                 s = (I{} + int32_t(start + j)) > rp ? bc<V>(-INFINITY) : s;
+                if (tbits && start + j >= tbase) {  // draft-tree keys: row r sees key tbase + b iff bit b of tbits[r]
+                    float lane[W];
+                    memcpy(lane, &s, sizeof(lane));
+                    const int64_t b = start + j - tbase;
+                    for (int x = 0; x < W; ++x)
+                        if (b >= 64 || !((tbits[rc + x] >> b) & 1)) lane[x] = -INFINITY;
+                    memcpy(&s, lane, sizeof(lane));
+                }
                 st<V>(S + j * Rp + rc, s);
                 mx = s > mx ? s : mx;
             }
@@ -435,6 +443,7 @@ struct Problem {
     void* out;                                                 // [N, Hq, D] contiguous, q's dtype
     int64_t Hq, Hkv, D, B;
     float scale;                                               // 1/sqrt(D) * log2(e)
+    const uint64_t* tmask; const int64_t* tbase;               // draft trees (or null): per query / per sequence
 };
 
 static inline int64_t chunk_keys(int64_t B) { return B >= 64 ? B : (64 + B - 1) / B * B; }
@@ -444,10 +453,12 @@ struct Scratch {
     std::vector<uint16_t> qp;
     std::vector<uint32_t> pp, vp;
     std::vector<int32_t> rowpos;
+    std::vector<uint64_t> tbits;
     Scratch(int64_t Rmax, int64_t D, int64_t B)
         : qT(D * Rmax), S(chunk_keys(B) * Rmax), acc(Rmax * D), m(Rmax), l(Rmax), alpha(Rmax), kb(B * D),
           vb(chunk_keys(B) * D),
-          qp(D * Rmax), pp((chunk_keys(B) + 1) / 2 * Rmax), vp((chunk_keys(B) + 1) / 2 * D), rowpos(Rmax) {}
+          qp(D * Rmax), pp((chunk_keys(B) + 1) / 2 * Rmax), vp((chunk_keys(B) + 1) / 2 * D), rowpos(Rmax),
+          tbits(Rmax) {}
 };
 
 template <typename V>
@@ -472,13 +483,17 @@ static void attend_item(const Problem& P, int64_t s, int64_t h, int64_t t0, int6
                     w.qT[d * Rp + r] = x * P.scale;
                 }
             w.rowpos[r] = int32_t(P.pos[t0 + t]);
+            w.tbits[r] = P.tmask ? P.tmask[t0 + t] : ~uint64_t(0);
         }
     }
     for (int64_t r = R; r < Rp; ++r) {
         for (int64_t d = 0; d < D; ++d) w.qT[d * Rp + r] = 0.0f;
         for (int64_t d = 0; d < D; ++d) w.qp[(d / 2 * Rp + r) * 2 + d % 2] = 0;
         w.rowpos[r] = INT32_MAX;
+        w.tbits[r] = ~uint64_t(0);
     }
+    // Draft-tree keys start at key tbase of this sequence (no tree: never).
+    const int64_t tb = P.tmask && P.tbase && P.tbase[s] >= 0 ? P.tbase[s] : INT64_MAX;
     std::fill(w.m.begin(), w.m.begin() + Rp, -1e30f);  // finite: m_old - m_new never meets inf - inf
     std::fill(w.l.begin(), w.l.begin() + Rp, 0.0f);
     std::fill(w.acc.begin(), w.acc.begin() + R * D, 0.0f);
@@ -531,8 +546,9 @@ static void attend_item(const Problem& P, int64_t s, int64_t h, int64_t t0, int6
         } else if (P.kv_bf16) {
             vr.add(w.vb.data(), 0, n);
         }
-        softmax_block<V>(w.S.data(), Rp, n, start, start + n - 1 > minpos, w.rowpos.data(), w.m.data(), w.l.data(),
-                         w.alpha.data(), dp ? w.pp.data() : nullptr);
+        const bool in_tree = start + n - 1 >= tb;
+        softmax_block<V>(w.S.data(), Rp, n, start, start + n - 1 > minpos || in_tree, w.rowpos.data(), w.m.data(),
+                         w.l.data(), w.alpha.data(), dp ? w.pp.data() : nullptr, in_tree ? w.tbits.data() : nullptr, tb);
         pv_chunk(w.S.data(), Rp, R, w.alpha.data(), vr, D, w.acc.data());
     }
     for (int64_t t = 0; t < T; ++t)
@@ -595,9 +611,9 @@ extern "C" void paged_attn_run(const void* q, int64_t q_sn, int64_t q_sh, int64_
                                int64_t c_sb, int64_t c_sh, int64_t kv_bf16, const int32_t* bt, int64_t bt_s,
                                const int32_t* qsl, const int32_t* ctx, const int64_t* pos, void* out, int64_t Hq,
                                int64_t Hkv, int64_t D, int64_t B, double scale, const int64_t* items, int64_t n_items,
-                               int64_t Tc, int64_t* counter) {
+                               int64_t Tc, int64_t* counter, const uint64_t* tmask, const int64_t* tbase) {
     const Problem P{q, q_sn, q_sh, q_bf16, k, v, c_sb, c_sh, kv_bf16, bt, bt_s, qsl, ctx, pos, out, Hq, Hkv, D, B,
-                    float(scale)};
+                    float(scale), tmask, tbase};
     const int64_t G = Hq / Hkv;
     if (__atomic_load_n(counter, __ATOMIC_RELAXED) < n_items) {
         Scratch w((Tc * G + 15) / 16 * 16, D, B);
@@ -650,7 +666,7 @@ def _build() -> ctypes.CDLL | None:
     lib.paged_attn_plan.argtypes = [_P, _P, _P, _P, _I, _I, _I, _I, _I, _I, _I, _I, _P, _I, _P]
     lib.paged_attn_run.restype = None
     lib.paged_attn_run.argtypes = ([_P, _I, _I, _I, _P, _P, _I, _I, _I, _P, _I, _P, _P, _P, _P, _I, _I, _I, _I,
-                                    ctypes.c_double, _P, _I, _I, _P])
+                                    ctypes.c_double, _P, _I, _I, _P, _P, _P])
     lib.paged_write_kv.restype = ctypes.c_int64
     lib.paged_write_kv.argtypes = [_P, _P, _I, _I, _P, _P, _I, _I, _I, _I, _P, _I, _I, _I, _I, _I, _I]
     return lib
@@ -694,12 +710,44 @@ def supports(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
             and k_cache.stride(3) == 1 and k_cache.stride(2) == k_cache.shape[3] and available())
 
 
+# The work items of the last plan, reused while the same metadata tensor objects come back: every layer of an
+# engine step passes the same PagedBatch tensors, so the planner (and its ~20 us of Python) runs once per step
+# instead of once per layer. Contract: metadata tensors are never modified in place after a call (every caller
+# builds fresh ones; inference-mode tensors have no version counter to check). The memo holds the tensors, so
+# their memory cannot be reused by new ones meanwhile; one memo per thread.
+_memo = threading.local()
+
+
+def _plan(block_tables: torch.Tensor, qsl: torch.Tensor, ctx: torch.Tensor, positions: torch.Tensor, N: int, S: int,
+          NB: int, B: int, Hq: int, Hkv: int, tc: int) -> tuple[torch.Tensor, int, float]:
+    tensors = (block_tables, qsl, ctx, positions)
+    key = (N, S, NB, B, Hkv, tc)
+    last = getattr(_memo, "last", None)
+    if last is not None and last[1] == key and all(a is b for a, b in zip(last[0], tensors)):
+        return last[2]
+    assert Hq % Hkv == 0, f"{Hq} query heads do not split into groups over {Hkv} KV heads"
+    assert block_tables.dim() == 2 and block_tables.shape[0] == S, "block_tables must be [S, max_blocks]"
+    assert qsl.shape == (S + 1,) and positions.shape == (N,), "query_start_loc [S + 1], positions [N]"
+    cap = Hkv * (N // tc + S + 1)
+    items = torch.empty(cap, 4, dtype=torch.int64)
+    total = ctypes.c_double(0.0)  # query tokens x keys x KV heads over all items (x G x D = multiply-adds)
+    n_items = library().paged_attn_plan(qsl.data_ptr(), ctx.data_ptr(), positions.data_ptr(), block_tables.data_ptr(),
+                                        block_tables.stride(0), block_tables.shape[1], S, N, NB, B, Hkv, tc,
+                                        items.data_ptr(), cap, ctypes.byref(total))
+    if n_items < 0:
+        raise ValueError(_PLAN_ERRORS.get(n_items, f"paged attention plan failed ({n_items})"))
+    result = (items, n_items, total.value)
+    _memo.last = (tensors, key, result)
+    return result
+
+
 def forward(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
             query_start_loc: torch.Tensor, context_lens: torch.Tensor, positions: torch.Tensor,
-            threads: int | None = None) -> torch.Tensor:
+            threads: int | None = None, tree_mask: torch.Tensor | None = None,
+            tree_base: torch.Tensor | None = None) -> torch.Tensor:
     """paged_attention on the kernel. q [N, Hq, D] (d contiguous); caches [NB, Hkv, B, D] (supports());
     block_tables int32 [S, max_blocks]; query_start_loc int32 [S + 1]; context_lens int32 [S]; positions
-    int64 [N]. -> out [N, Hq, D] in q's dtype."""
+    int64 [N]; tree_mask int64 [N] / tree_base int64 [S] (paged_attention.py) or None. -> out [N, Hq, D]."""
     lib = library()
     assert lib is not None, "the paged attention CPU kernel is not built"
     N, Hq, D = q.shape
@@ -714,26 +762,23 @@ def forward(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block
         return out
     G = Hq // Hkv
     tc = max(1, ROWS_PER_ITEM // G)
-    cap = Hkv * (N // tc + S + 1)
-    items = torch.empty(cap, 4, dtype=torch.int64)
-    total = ctypes.c_double(0.0)  # query tokens x keys x KV heads over all items (x G x D = multiply-adds)
-    assert Hq % Hkv == 0, f"{Hq} query heads do not split into groups over {Hkv} KV heads"
-    assert block_tables.dim() == 2 and block_tables.shape[0] == S, "block_tables must be [S, max_blocks]"
-    assert query_start_loc.shape == (S + 1,) and positions.shape == (N,), "query_start_loc [S + 1], positions [N]"
-    n_items = lib.paged_attn_plan(query_start_loc.data_ptr(), context_lens.data_ptr(), positions.data_ptr(),
-                                  block_tables.data_ptr(), block_tables.stride(0), block_tables.shape[1], S, N,
-                                  k_cache.shape[0], B, Hkv, tc, items.data_ptr(), cap, ctypes.byref(total))
-    if n_items < 0:
-        raise ValueError(_PLAN_ERRORS.get(n_items, f"paged attention plan failed ({n_items})"))
+    items, n_items, total = _plan(block_tables, query_start_loc, context_lens, positions, N, S, k_cache.shape[0], B,
+                                  Hq, Hkv, tc)
     counter = torch.zeros(2, dtype=torch.int64)  # [next item, items finished]
     args = (q.data_ptr(), q.stride(0), q.stride(1), int(q.dtype == torch.bfloat16), k_cache.data_ptr(),
             v_cache.data_ptr(), k_cache.stride(0), k_cache.stride(1), int(k_cache.dtype == torch.bfloat16),
             block_tables.data_ptr(), block_tables.stride(0),
             query_start_loc.data_ptr(), context_lens.data_ptr(), positions.data_ptr(), out.data_ptr(), Hq, Hkv, D, B,
-            math.log2(math.e) / math.sqrt(D), items.data_ptr(), n_items, tc, counter.data_ptr())
+            math.log2(math.e) / math.sqrt(D), items.data_ptr(), n_items, tc, counter.data_ptr(),
+            tree_mask.data_ptr() if tree_mask is not None else None,
+            tree_base.data_ptr() if tree_mask is not None else None)
     n = threads or torch.get_num_threads()
-    n = max(1, min(n, n_items, 1 + int(total.value * G * D / PARALLEL_MIN_WORK)))
-    keep = (q, k_cache, v_cache, block_tables, query_start_loc, context_lens, positions, out, items, counter)
+    n = max(1, min(n, n_items, 1 + int(total * G * D / PARALLEL_MIN_WORK)))
+    if tree_mask is not None:
+        assert tree_mask.dtype == torch.int64 and tree_mask.shape == (N,) and tree_mask.is_contiguous()
+        assert tree_base is not None and tree_base.dtype == torch.int64 and tree_base.shape == (S,)
+    keep = (q, k_cache, v_cache, block_tables, query_start_loc, context_lens, positions, out, items, counter,
+            tree_mask, tree_base)
 
     def worker(i: int, keep=keep) -> None:  # `keep`: a late pool thread still finds every pointer's memory alive
         lib.paged_attn_run(*args)

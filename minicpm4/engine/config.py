@@ -25,6 +25,9 @@ class EngineConfig:
     max_waiting: int = 1024  # queued requests at most; adding more raises QueueFullError (HTTP 429)
     fast_forward: bool = True  # FastDecoder (fused weights) instead of the model's own forward
     speculative: SpeculativeConfig | None = None  # draft + tree settings (minicpm4/speculative/); None: off
+    # Requests whose draft trees one step verifies at most (the rest decode plainly that step): bounds the
+    # step's size (tree_size rows per tree) under many concurrent requests.
+    spec_max_seqs: int = 16
 
     def __post_init__(self) -> None:
         def positive(name: str) -> None:
@@ -33,7 +36,7 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name} must be a positive integer, got {value!r}")
 
         for name in ("block_size", "num_kv_blocks", "kv_cache_tokens", "max_num_seqs", "max_num_batched_tokens",
-                     "max_model_len", "max_waiting"):
+                     "max_model_len", "max_waiting", "spec_max_seqs"):
             positive(name)
 
     def resolved(self, sparse_block_size: int | None) -> EngineConfig:

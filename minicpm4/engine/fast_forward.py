@@ -215,7 +215,17 @@ class FastDecoder:
             return self._hidden_kernel(h, positions, attend)
         return self._hidden_torch(h, positions, attend)
 
-    def _hidden_kernel(self, h: torch.Tensor, positions: torch.Tensor, attend: AttendFn) -> torch.Tensor:
+    @torch.no_grad()
+    def layers_forward(self, h: torch.Tensor, positions: torch.Tensor, attend: AttendFn) -> torch.Tensor:
+        """The decoder layers only: h [N, hidden] (already embedded) -> h after the last layer, before the final
+        norm (a new tensor; the EAGLE draft's one layer runs through here, speculative/eagle.py)."""
+        h = h.to(self.dtype).contiguous().clone()
+        if self.kernel is not None and 0 < h.shape[0] <= self.max_kernel_tokens:
+            return self._hidden_kernel(h, positions, attend, final_norm=False)
+        return self._hidden_torch(h, positions, attend, final_norm=False)
+
+    def _hidden_kernel(self, h: torch.Tensor, positions: torch.Tensor, attend: AttendFn,
+                       final_norm: bool = True) -> torch.Tensor:
         km = self.kernel
         lib, handle = km.lib, km.handle
         N, dt = h.shape[0], self.dtype
@@ -230,11 +240,14 @@ class FastDecoder:
             o = attend(i, q, k, v).to(dt).contiguous()
             assert o.shape == q.shape, f"attend returned {tuple(o.shape)}, expected {tuple(q.shape)}"
             lib.ff_attn_out_mlp(handle, i, hp, o.data_ptr(), N)
+        if not final_norm:
+            return h
         out = torch.empty_like(h)
         lib.ff_rmsnorm(handle, hp, self.final_norm.data_ptr(), out.data_ptr(), N)
         return out
 
-    def _hidden_torch(self, h: torch.Tensor, positions: torch.Tensor, attend: AttendFn) -> torch.Tensor:
+    def _hidden_torch(self, h: torch.Tensor, positions: torch.Tensor, attend: AttendFn,
+                      final_norm: bool = True) -> torch.Tensor:
         N = h.shape[0]
         if N and (int(positions.min()) < 0 or int(positions.max()) >= self.context_len):
             raise ValueError(f"positions must lie in [0, context_len={self.context_len})")
@@ -243,7 +256,7 @@ class FastDecoder:
             q, k, v, q_pre, k_pre = self._attn_in(L, h, cos, sin, self.eps, self.Hq, self.Hkv, self.D)
             o = attend(i, q, k, v, (q_pre, k_pre)) if self.pre_rope else attend(i, q, k, v)
             h = self._attn_out_mlp(L, h, o.reshape(N, self.Hq * self.D).to(self.dtype), self.eps, self.rs)
-        return _rmsnorm(h, self.final_norm, self.eps)
+        return _rmsnorm(h, self.final_norm, self.eps) if final_norm else h
 
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

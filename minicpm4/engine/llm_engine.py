@@ -70,7 +70,8 @@ class LLMEngine:
             from minicpm4.speculative.build import build_drafter  # imported on use
 
             self.drafter = build_drafter(model, config.speculative, self.max_model_len)
-        lookahead = self.drafter.shape.max_depth if self.drafter is not None else 0
+        # Verification writes a tree's nodes after its root (speculative/tree_attention.py): reserve their pages.
+        lookahead = self.drafter.shape.tree_size - 1 if self.drafter is not None else 0
         self.scheduler = Scheduler(config, self.blocks, lookahead=lookahead)
         self.runner = ModelRunner(model, config, self.max_model_len)
         self.requests: dict[str, Sequence] = {}
@@ -193,16 +194,18 @@ class LLMEngine:
         bs = self.config.block_size
         for i, entry in enumerate(scheduled):
             seq = entry.seq
+            if len(trees) >= self.config.spec_max_seqs:
+                break
             if entry.num_tokens != 1 or not entry.completes_prompt or seq.params.max_new_tokens == 0:
                 continue
             P = seq.num_computed_tokens  # the root's position
-            depth = min(len(seq.block_table) * bs - 1 - P, self.max_model_len - 1 - P,
-                        seq.params.max_new_tokens - seq.num_output_tokens - 1)
-            if depth < 1:
+            room = len(seq.block_table) * bs - 1 - P  # node slots P + 1 .. on reserved pages
+            depth = min(self.max_model_len - 1 - P, seq.params.max_new_tokens - seq.num_output_tokens - 1)
+            if room < 1 or depth < 1:
                 continue
             tree = self.drafter.draft_tree(seq.request_id, seq.token_ids)
-            if max(tree.depths) > depth:
-                tree = prune_tree(tree, depth)
+            if max(tree.depths) > depth or tree.size - 1 > room:
+                tree = prune_tree(tree, depth, max_nodes=room)
             if tree.size > 1:
                 trees[i] = tree
         return trees

@@ -20,7 +20,8 @@ from minicpm4.engine.config import EngineConfig
 from minicpm4.engine.scheduler import ScheduledSequence
 from minicpm4.model import MiniCPMForCausalLM
 from minicpm4.speculative.tree import DraftTree
-from minicpm4.speculative.tree_attention import TreeRows, TreeStep, tree_attention_dense
+from minicpm4.speculative.tree_attention import (PagedTreePlan, TreeRows, TreeStep, paged_tree_attention,
+                                                 paged_tree_plan, plan_page_writes, tree_attention_dense)
 
 
 @dataclass
@@ -71,6 +72,9 @@ class ModelRunner:
         cfg = model.config
         self.cache = PagedKVCache(cfg.num_hidden_layers, config.num_blocks(), config.block_size,
                                   cfg.num_key_value_heads, cfg.head_dim, self.dtype, self.device)
+        # Tree nodes verify through the paged kernel (one call per layer, speculative/tree_attention.py), but an
+        # InfLLM v2 tree with a node at or past dense_len per sequence (speculative/tree_sparse.py).
+        self.dense_len = cfg.sparse_config.dense_len if cfg.sparse_config is not None else None
         self.backend = make_paged_backend(model, config.block_size)
         self.fast = None
         if config.fast_forward:
@@ -108,18 +112,28 @@ class ModelRunner:
             block_tables_host=[e.seq.block_table for e in scheduled])
         return torch.tensor(ids, dtype=torch.long, device=dev), batch
 
-    def hidden_states(self, input_ids: torch.Tensor, batch: PagedBatch, tree: TreeStep | None = None) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor, batch: PagedBatch, tree: TreeStep | None = None,
+                      plan: PagedTreePlan | None = None) -> torch.Tensor:
         """input_ids [N (+ M tree rows)] -> final-normed hidden [N (+ M), hidden]."""
         N0 = batch.positions.numel()
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             if tree is None:
                 return self.backend.attend(layer, q, k, v, batch)
+            tree.stash[layer] = (k[N0:], v[N0:])
+            if plan is not None and plan.include_batch:
+                return paged_tree_attention(q, k, v, self.cache.k[layer], self.cache.v[layer], plan)
             out = torch.empty_like(q)
             out[:N0] = self.backend.attend(layer, q[:N0], k[:N0], v[:N0], batch)
             qt, kt, vt = q[N0:], k[N0:], v[N0:]
-            tree.stash[layer] = (kt, vt)
+            covered = set()
+            if plan is not None:
+                out[N0 + plan.node_rows] = paged_tree_attention(qt, kt, vt, self.cache.k[layer], self.cache.v[layer],
+                                                                plan)
+                covered = {id(r) for r in plan.rows}
             for rows in tree.rows:
+                if id(rows) in covered:
+                    continue
                 sl = slice(rows.start, rows.start + rows.num_nodes)
                 out[N0 + rows.start:N0 + rows.start + rows.num_nodes] = self.tree_attend(layer, qt[sl], kt[sl], vt[sl], rows)
             return out
@@ -142,6 +156,17 @@ class ModelRunner:
 
             return tree_attention_sparse(self.backend, layer, q, k, v, self.cache, rows)
         return tree_attention_dense(q, k, v, k_pool, v_pool, rows)
+
+    def tree_plan(self, batch: PagedBatch, tree: TreeStep) -> PagedTreePlan | None:
+        if self.dense_len is None or (max(batch.context_lens_host) < self.dense_len and
+                                      all(max(r.positions) + 1 < self.dense_len for r in tree.rows)):
+            # No sparse row in the step (an InfLLM v2 model below dense_len attends densely): one paged call per
+            # layer for everything; the compressed keys' write rule is applied once after the forward.
+            return paged_tree_plan(batch, tree.rows, self.config.block_size)
+        dense = [r for r in tree.rows if max(r.positions) + 1 < self.dense_len]
+        if not dense:
+            return None
+        return paged_tree_plan(batch, dense, self.config.block_size, include_batch=False)
 
     def tree_rows(self, scheduled: list[ScheduledSequence], trees: dict[int, DraftTree]) -> tuple[list[int], TreeStep]:
         """The node rows (root excluded) of every drafted tree, appended after the step's ordinary rows."""
@@ -167,11 +192,14 @@ class ModelRunner:
         those entries are verified (tree_logits) instead of sampled here."""
         input_ids, batch = self.build_batch(scheduled)
         trees = {i: t for i, t in (trees or {}).items() if t.size > 1}
-        tree_step = None
+        tree_step = plan = None
         if trees:
             extra, tree_step = self.tree_rows(scheduled, trees)
             input_ids = torch.cat([input_ids, torch.tensor(extra, dtype=torch.long, device=self.device)])
-        hidden = self.hidden_states(input_ids, batch, tree_step)
+            plan = self.tree_plan(batch, tree_step)
+        hidden = self.hidden_states(input_ids, batch, tree_step, plan)
+        if plan is not None and plan.include_batch and self.dense_len is not None:
+            self.backend.note_external_writes(self.cache, plan_page_writes(plan, self.config.block_size))
         N0 = batch.positions.numel()
         rows, sample_seqs = [], []
         prompt_rows: list[tuple[ScheduledSequence, list[int], list[int]]] = []

@@ -137,8 +137,9 @@ def draft_from_mtp(mtp, target: MiniCPMConfig, options: DraftOptions | None = No
     final_norm=True (the format's `norm.weight`, which the released draft defines but does not use); its
     layer keeps the MTP layer's residual scale (residual_scale="mtp") and its embedding norm the eps that
     makes Norm(Embed(x) * scale_emb) equal the MTP head's Norm(Embed(x)) (DraftOptions.embed_norm_eps)."""
-    options = options or DraftOptions(residual_scale="mtp", final_norm=True,
-                                      embed_norm_eps=target.rms_norm_eps * target.scale_emb ** 2)
+    # eps as RMSNorm adds it (fp32), times scale_emb^2: exact when scale_emb is a power of two
+    eps = float(torch.tensor(target.rms_norm_eps, dtype=torch.float32)) * target.scale_emb ** 2
+    options = options or DraftOptions(residual_scale="mtp", final_norm=True, embed_norm_eps=eps)
     draft = EagleDraft(target, options).to(mtp.proj.weight.dtype)
     h = target.hidden_size
     w = mtp.proj.weight.detach()
@@ -165,6 +166,7 @@ def save_draft(draft: EagleDraft, folder: str | os.PathLike, extra: dict | None 
     tensors = {k: v.detach().contiguous().cpu() for k, v in draft.state_dict().items()}
     with atomic_paths({"w": folder / WEIGHTS_FILE, "c": folder / "config.json"}) as tmp:
         save_file(tensors, str(tmp["w"]), metadata={"format": "pt"})
+        os.chmod(tmp["w"], 0o644)  # safetensors re-creates the file 0600 (atomic_paths' temp was 0644)
         tmp["c"].write_text(json.dumps(cfg, indent=2) + "\n")
     return folder
 

@@ -26,13 +26,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-from minicpm4.attention.dense import grouped_attention
-from minicpm4.attention.metadata import AttentionMetadata
+from types import SimpleNamespace
+
+from minicpm4.engine.fast_forward import FastDecoder
 from minicpm4.model import MiniCPMForCausalLM
 from minicpm4.speculative.draft_model import EagleDraft
 from minicpm4.speculative.tree import CandidateHistory, DraftTree, TreeShape, select_tree, single_node_tree
+from minicpm4.speculative.tree_attention import attention_with_mask
 
 # CPM.cu --spec-window-size: the draft's sliding attention window (TriForce-style; TR: keeps the first-token
 # latency low and improves draft accuracy).
@@ -41,7 +42,7 @@ DEFAULT_WINDOW = 1024
 
 @dataclass
 class DraftState:
-    """One sequence's draft cache: keys/values [Hkv, n, D] (post-RoPE) at positions `pos` [n], the pending
+    """One sequence's draft cache: keys/values [n, Hkv, D] (post-RoPE) at positions `pos` [n], the pending
     target rows (hidden [m, H] for positions pending_start ..), and the feature of the last fed pair."""
 
     k: torch.Tensor | None = None
@@ -58,21 +59,16 @@ class DraftState:
         return self.pending_start + self.pending_len
 
 
-class _WindowAttention:
-    """The draft layer's attention backend: this call's queries against `ctx` keys plus their own keys, under
-    `mask` [N, S + N]. Records the call's keys/values (the caller keeps or drops them)."""
-
-    needs_pre_rope = False
-
-    def __init__(self) -> None:
-        self.ctx_k = self.ctx_v = self.mask = None
-        self.new_k = self.new_v = None
-
-    def __call__(self, layer_idx, q, k, v, meta, pre_rope=None):  # q [1, Hq, N, D], k/v [1, Hkv, N, D]
-        self.new_k, self.new_v = k[0], v[0]
-        keys = k if self.ctx_k is None else torch.cat([self.ctx_k[None], k], dim=2)
-        values = v if self.ctx_v is None else torch.cat([self.ctx_v[None], v], dim=2)
-        return grouped_attention(q, keys, values, self.mask[None])
+def _draft_decoder(target: MiniCPMForCausalLM, draft: EagleDraft, head: torch.Tensor, context_len: int) -> FastDecoder:
+    """The engine's fused forward (FastDecoder: two C++ calls per layer on a CPU) over the draft's one layer: a
+    stand-in model whose layer is the draft's, whose residual scale is the draft's (scale_depth / sqrt(1)), whose
+    RoPE is the target's and whose head is the draft's vocabulary rows."""
+    cfg = target.config.replace(num_hidden_layers=1, scale_depth=draft.layer.residual_scale, sparse_config=None)
+    lm_head = torch.nn.Linear(head.shape[1], head.shape[0], bias=False, dtype=head.dtype, device=head.device)
+    lm_head.weight = torch.nn.Parameter(head, requires_grad=False)
+    shell = SimpleNamespace(config=cfg, lm_head=lm_head, rotary=target.rotary, model=SimpleNamespace(
+        embed_tokens=target.model.embed_tokens, norm=draft.norm, layers=[draft.layer]))
+    return FastDecoder(shell, context_len)
 
 
 class EagleDrafter:
@@ -82,14 +78,13 @@ class EagleDrafter:
     def __init__(self, target: MiniCPMForCausalLM, draft: EagleDraft, shape: TreeShape | None = None,
                  frspec_ids: torch.Tensor | None = None, window: int = DEFAULT_WINDOW,
                  context_len: int | None = None) -> None:
-        self.target, self.draft = target, draft.to(target.device).eval()
+        self.target, self.draft = target, draft.to(device=target.device, dtype=target.dtype).eval()
         # The length LongRoPE picks its factors by: the engine's max_model_len, as for the target's own rows.
         self.context_len = context_len or target.config.max_position_embeddings
         self.shape = shape or TreeShape()
         self.window = window
         self.states: dict[object, DraftState] = {}
-        self.attn = _WindowAttention()
-        self.draft_dtype = next(draft.parameters()).dtype
+        self.draft_dtype = target.dtype
         head = target.output_weight if target.lm_head is None or hasattr(target.lm_head, "weight") else None
         if head is None:  # a packed head (minicpm4.quant): drafting reads a dense copy of the rows it uses
             from minicpm4.quant.linear import dense_weight
@@ -98,6 +93,8 @@ class EagleDrafter:
         self.ids = None if frspec_ids is None else frspec_ids.to(torch.long).to(target.device)
         head = head.detach()
         self.head = (head if self.ids is None else head[self.ids]).to(self.draft_dtype).contiguous()  # [V', H]
+        self.fast = _draft_decoder(target, self.draft, self.head, self.context_len)
+        self.new_k = self.new_v = None  # the last forward's keys/values [N, Hkv, D]
 
     # ---- state --------------------------------------------------------------------------------------------
     def drop(self, key: object) -> None:
@@ -126,13 +123,17 @@ class EagleDrafter:
     # ---- the draft forward ------------------------------------------------------------------------------
     def _forward(self, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
                  ctx_k: torch.Tensor | None, ctx_v: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
-        """tokens [N], hidden [N, H], positions [N] -> draft features [N, H]; keys of the call in self.attn."""
-        d, t = self.draft, self.target
-        x = d.fuse_inputs(t, tokens, hidden.to(self.draft_dtype))[None]  # [1, N, H]
-        cos, sin = t.rotary(positions[None], max(int(positions.max()) + 1, self.context_len))
-        self.attn.ctx_k, self.attn.ctx_v, self.attn.mask = ctx_k, ctx_v, mask
-        meta = AttentionMetadata(positions=positions[None])
-        return d.layer(x, cos.to(x.dtype), sin.to(x.dtype), meta, self.attn)[0]
+        """tokens [N], hidden [N, H], positions [N]; ctx_k/v [S, Hkv, D] keys the rows may see under mask [N, S + N]
+        (their own keys last) -> draft features [N, H]; the rows' keys/values in self.new_k / new_v."""
+        x = self.draft.fuse_inputs(self.target, tokens, hidden.to(self.draft_dtype))
+
+        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            self.new_k, self.new_v = k, v
+            keys = k if ctx_k is None else torch.cat([ctx_k, k])
+            values = v if ctx_v is None else torch.cat([ctx_v, v])
+            return attention_with_mask(q, keys, values, mask)
+
+        return self.fast.layers_forward(x, positions, attend)
 
     def _window_mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         return (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] > q_pos[:, None] - self.window)
@@ -149,21 +150,19 @@ class EagleDrafter:
         tokens = torch.tensor(token_ids[st.pending_start + 1:st.pending_start + 1 + n], dtype=torch.long, device=dev)
         if st.pos is not None:  # keys the first new row can still see
             keep = st.pos > st.pending_start - self.window
-            st.k, st.v, st.pos = st.k[:, keep], st.v[:, keep], st.pos[keep]
+            st.k, st.v, st.pos = st.k[keep], st.v[keep], st.pos[keep]
         k_pos = positions if st.pos is None else torch.cat([st.pos, positions])
         mask = self._window_mask(positions, k_pos)
         feats = self._forward(tokens, hidden, positions, st.k, st.v, mask)
-        new_k, new_v = self.attn.new_k, self.attn.new_v
-        st.k = new_k if st.k is None else torch.cat([st.k, new_k], dim=1)
-        st.v = new_v if st.v is None else torch.cat([st.v, new_v], dim=1)
+        st.k = self.new_k if st.k is None else torch.cat([st.k, self.new_k])
+        st.v = self.new_v if st.v is None else torch.cat([st.v, self.new_v])
         st.pos = k_pos
         st.feature, st.feature_pos = feats[-1], int(positions[-1])
         st.pending, st.pending_start, st.pending_len = ([rest] if rest.shape[0] else []), st.pending_start + n, rest.shape[0]
 
     def _logp(self, features: torch.Tensor) -> torch.Tensor:
         """features [N, H] -> log-probabilities over the draft vocabulary [N, V'] (fp32)."""
-        x = self.draft.head_input(features) / self.target.config.logit_divisor
-        return torch.log_softmax(F.linear(x, self.head).float(), dim=-1)
+        return torch.log_softmax(self.fast.logits(self.draft.head_input(features)), dim=-1)
 
     def _full_ids(self, ids: torch.Tensor) -> torch.Tensor:
         return ids if self.ids is None else self.ids[ids]
@@ -193,17 +192,17 @@ class EagleDrafter:
         tree_k = tree_v = None
         anc = torch.zeros(tokens.numel(), 0, dtype=torch.bool, device=dev)  # frontier x tree keys so far
         win = st.pos > P - 1 - self.window
-        ctx_k0, ctx_v0, ctx_pos = st.k[:, win], st.v[:, win], st.pos[win]
+        ctx_k0, ctx_v0, ctx_pos = st.k[win], st.v[win], st.pos[win]
         for d in range(1, shape.num_iter):
             n = front_tokens.numel()
             pos = torch.full((n,), P + d - 1, dtype=torch.long, device=dev)
             committed = self._window_mask(pos, ctx_pos)
             mask = torch.cat([committed, anc, torch.eye(n, dtype=torch.bool, device=dev)], dim=1)
-            ctx_k = ctx_k0 if tree_k is None else torch.cat([ctx_k0, tree_k], dim=1)
-            ctx_v = ctx_v0 if tree_v is None else torch.cat([ctx_v0, tree_v], dim=1)
+            ctx_k = ctx_k0 if tree_k is None else torch.cat([ctx_k0, tree_k])
+            ctx_v = ctx_v0 if tree_v is None else torch.cat([ctx_v0, tree_v])
             feats = self._forward(front_tokens, front_feat, pos, ctx_k, ctx_v, mask)
-            tree_k = self.attn.new_k if tree_k is None else torch.cat([tree_k, self.attn.new_k], dim=1)
-            tree_v = self.attn.new_v if tree_v is None else torch.cat([tree_v, self.attn.new_v], dim=1)
+            tree_k = self.new_k if tree_k is None else torch.cat([tree_k, self.new_k])
+            tree_v = self.new_v if tree_v is None else torch.cat([tree_v, self.new_v])
             lp = self._logp(feats)  # [n, V']
             top = lp.topk(min(k, lp.shape[-1]), dim=-1)
             cum = front_scores[:, None] + top.values  # [n, k]

@@ -130,12 +130,15 @@ def select_tree(root_token: int, history: CandidateHistory, tree_size: int) -> D
     return tree
 
 
-def prune_tree(tree: DraftTree, max_depth: int) -> DraftTree:
-    """The nodes of `tree` at depth <= max_depth (parents precede children, so one pass keeps the order)."""
+def prune_tree(tree: DraftTree, max_depth: int, max_nodes: int | None = None) -> DraftTree:
+    """The nodes of `tree` at depth <= max_depth, at most max_nodes of them below the root, first ones first
+    (parents precede children, so one pass keeps a valid tree in order)."""
     out = single_node_tree(tree.tokens[0])
     new_of = {0: 0}
     for i in range(1, tree.size):
-        if tree.depths[i] > max_depth:
+        if max_nodes is not None and out.size - 1 >= max_nodes:
+            break
+        if tree.depths[i] > max_depth or tree.parents[i] not in new_of:
             continue
         parent = new_of[tree.parents[i]]
         node = len(out.tokens)

@@ -99,3 +99,90 @@ def commit_accepted(cache: PagedKVCache, step: TreeStep, tree: TreeRows, path_no
         page, off = s // B, s % B
         writes[page] = min(writes.get(page, off), off)
     return sorted(writes.items())
+
+
+# ---- the paged route: each tree one sequence of the paged kernel, under a tree mask ---------------------------
+# The nodes' K/V go into the sequence's own pages right after the root, node i at slot P + 1 + i (the scheduler
+# reserved those pages), and the tree's rows become one more sequence of the step's paged attention call (the
+# same block table, context P + 1 + m) whose keys from P + 1 on obey the nodes' ancestor bits
+# (attention/paged_attention.py's tree_mask / tree_base). One kernel call per layer then covers ordinary rows
+# and trees, the committed keys read once per tree (the fast path; tree_attention_dense is its reference).
+# After acceptance commit_accepted rewrites slots P + 1 .. P + a with the accepted path, in order.
+
+@dataclass
+class PagedTreePlan:
+    """Built once per step, used by every layer. With include_batch the step's ordinary rows run in the same
+    call (a dense model); without it only the trees of `rows` (a sparse model's trees whose nodes all lie below
+    dense_len: its ordinary rows go through the InfLLM v2 backend)."""
+
+    rows: list[TreeRows]  # the trees this plan covers
+    node_rows: torch.Tensor  # [M'] int64 their nodes' indices among the step's tree rows
+    include_batch: bool
+    slot_mapping: torch.Tensor  # [N + M'] or [M'] int64 where each row's K/V is written
+    block_tables: torch.Tensor  # [S + T, width] int32: the step's sequences (if included), then one per tree
+    query_start_loc: torch.Tensor  # int32
+    context_lens: torch.Tensor  # int32
+    positions: torch.Tensor  # kernel positions (a node passes its tree's last slot; RoPE used the real one)
+    tree_mask: torch.Tensor  # int64 ancestor bits per row (ordinary rows: 0, unused)
+    tree_base: torch.Tensor  # int64 per sequence: first tree key, -1 for ordinary sequences
+
+
+def node_slots(rows: TreeRows, block_size: int) -> list[int]:
+    """Slots of positions P + 1 .. P + m: node i's K/V during verification."""
+    table, P = rows.block_table, rows.root_pos
+    return [table[p // block_size] * block_size + p % block_size for p in range(P + 1, P + 1 + rows.num_nodes)]
+
+
+def paged_tree_plan(batch, rows_list: list[TreeRows], block_size: int, include_batch: bool = True) -> PagedTreePlan:
+    if include_batch:
+        tables = list(batch.block_tables_host) if batch.block_tables_host is not None else batch.block_tables.tolist()
+        qsl, ctx = batch.query_start_loc.tolist(), list(batch.context_lens_host)
+        slots, positions, masks = batch.slot_mapping.tolist(), batch.positions.tolist(), [0] * len(batch.positions)
+        bases = [-1] * len(ctx)
+    else:
+        tables, qsl, ctx, slots, positions, masks, bases = [], [0], [], [], [], [], []
+    node_rows = []
+    for rows in rows_list:
+        m, P = rows.num_nodes, rows.root_pos
+        anc = rows.ancestors.tolist()
+        tables.append(rows.block_table)
+        qsl.append(qsl[-1] + m)
+        ctx.append(P + 1 + m)
+        bases.append(P + 1)
+        slots.extend(node_slots(rows, block_size))
+        positions.extend([P + m] * m)
+        masks.extend(sum(1 << j for j, a in enumerate(anc[i]) if a) for i in range(m))
+        node_rows.extend(range(rows.start, rows.start + m))
+    width = max(len(t) for t in tables)
+    dev = batch.positions.device
+    long = dict(dtype=torch.long, device=dev)
+    return PagedTreePlan(
+        rows=rows_list, node_rows=torch.tensor(node_rows, **long), include_batch=include_batch,
+        slot_mapping=torch.tensor(slots, **long),
+        block_tables=torch.tensor([list(t) + [0] * (width - len(t)) for t in tables], dtype=torch.int32, device=dev),
+        query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
+        context_lens=torch.tensor(ctx, dtype=torch.int32, device=dev), positions=torch.tensor(positions, **long),
+        tree_mask=torch.tensor(masks, **long), tree_base=torch.tensor(bases, **long))
+
+
+def plan_page_writes(plan: PagedTreePlan, block_size: int) -> list[tuple[int, int]]:
+    """(page, first offset) of every slot the plan's rows write (InfLLM v2's write rule)."""
+    writes: dict[int, int] = {}
+    for slot in plan.slot_mapping.tolist():
+        page, off = divmod(slot, block_size)
+        writes[page] = min(writes.get(page, off), off)
+    return sorted(writes.items())
+
+
+def paged_tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor,
+                         v_pool: torch.Tensor, plan: PagedTreePlan) -> torch.Tensor:
+    """include_batch: q/k/v [N + M, H, D] (the step's ordinary rows then its tree rows) -> [N + M, Hq, D].
+    Else q/k/v are the tree rows [M, H, D] (the ordinary rows went through the InfLLM v2 backend) ->
+    [M', Hq, D] for plan.node_rows."""
+    from minicpm4.attention.paged_attention import paged_attention
+
+    if not plan.include_batch:
+        q, k, v = q[plan.node_rows], k[plan.node_rows], v[plan.node_rows]
+    write_kv(k_pool, v_pool, k, v, plan.slot_mapping)
+    return paged_attention(q.contiguous(), k_pool, v_pool, plan.block_tables, plan.query_start_loc,
+                           plan.context_lens, plan.positions, tree_mask=plan.tree_mask, tree_base=plan.tree_base)

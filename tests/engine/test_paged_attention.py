@@ -162,3 +162,60 @@ def test_kernel_rejects_metadata_that_would_read_outside_the_cache():
         paged_attention(q, kc, vc, bt, torch.tensor([0, 2, 4], dtype=torch.int32), ctx, pos, impl="kernel")
     with pytest.raises(IndexError, match="slot"):
         write_kv(kc, vc, q[:, :2], q[:, :2], torch.tensor([0, 1, kc.shape[0] * 16]))
+
+
+def tree_batch(B: int, G: int, dtype: torch.dtype):
+    """MIXED plus two draft trees (sequences whose last m keys are tree nodes under ancestor bits), one crossing a
+    page boundary and one of 64 nodes (every bit of the mask)."""
+    import random
+
+    rng = random.Random(B + G)
+    trees = [(7, 130), (64, 200), (1, 20)]  # (nodes, context incl. nodes)
+    seqs = MIXED + trees
+    q, k, v, tables, qsl, ctx, positions = ragged_batch(seqs, G * 2, 2, 64, B, dtype, seed=G)
+    masks = torch.zeros(q.shape[0], dtype=torch.int64)
+    bases = [-1] * len(MIXED)
+    for s, (m, L) in enumerate(trees, start=len(MIXED)):
+        parents = [-1] + [rng.randrange(i) for i in range(1, m)]  # a random tree over the m nodes
+        a = int(qsl[s])
+        for i in range(m):
+            bits, j = 0, i
+            while j >= 0:
+                bits |= 1 << j
+                j = parents[j]
+            masks[a + i] = bits - (1 << 64) if bits >= 1 << 63 else bits  # the uint64 pattern as int64
+        positions[a:a + m] = L - 1  # tree rows pass their tree's last key as position
+        bases.append(L - m)
+    return (q, k, v, tables, qsl, ctx, positions), masks, bases
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("G", [1, 3])
+@pytest.mark.parametrize("B", [16, 64])
+def test_tree_mask_kernel_and_torch_match_reference(B, G, dtype):
+    args, masks, bases = tree_batch(B, G, dtype)
+    ref = paged_attention_reference(*args, tree_mask=masks, tree_base=bases)
+    impls = ["torch"] + (["kernel"] if paged_kernel.available() else [])
+    for impl in impls:
+        out = paged_attention(*args, impl=impl, tree_mask=masks, tree_base=bases)
+        torch.testing.assert_close(out, ref, **TOL[dtype])
+
+
+def test_tree_mask_reference_equals_attention_over_the_path():
+    """A node with ancestor bits sees exactly the committed keys plus its path: the reference equals plain causal
+    attention of a sequence holding only those keys."""
+    args, masks, bases = tree_batch(16, 2, torch.float32)
+    q, k, v, tables, qsl, ctx, positions = args
+    s = len(MIXED)  # the 7-node tree
+    a, base = int(qsl[s]), bases[s]
+    ref = paged_attention_reference(*args, tree_mask=masks, tree_base=bases)
+    from minicpm4.attention.infllmv2.paged_cache import gather_slots
+
+    keys = gather_slots(k, tables[s].tolist(), 0, int(ctx[s]))  # [Hkv, L, D]
+    values = gather_slots(v, tables[s].tolist(), 0, int(ctx[s]))
+    for i in range(7):
+        bits = int(masks[a + i])
+        keep = list(range(base)) + [base + j for j in range(7) if bits >> j & 1]
+        kk, vv = keys[:, keep].repeat_interleave(2, 0), values[:, keep].repeat_interleave(2, 0)
+        want = F.scaled_dot_product_attention(q[a + i][:, None], kk, vv)[:, 0]
+        torch.testing.assert_close(ref[a + i], want, atol=2e-5, rtol=1e-5)

@@ -63,8 +63,21 @@ def _run(engine: LLMEngine, prompts, params) -> list[list[int]]:
     return [out[f"r{i}"] for i in range(len(prompts))]
 
 
+def native_bf16() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return True
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 @pytest.mark.parametrize("fast", [False, True], ids=["model-forward", "fast-forward"])
-def test_quantized_engine_greedy_equals_reference(quantized, fast):
+def test_quantized_engine_greedy_equals_reference(quantized, fast, request):
+    if "ternary-bf16" in request.node.callspec.id and not native_bf16():
+        # Without native bf16 (e.g. AVX-512 without the BF16 extension) oneDNN's bf16 GEMM rounds differently for
+        # the engine's batch shapes and the reference's, and the nearly tied random-weight logits flip greedy
+        # picks; the fp32 cases above cover the same code paths exactly.
+        pytest.skip("bf16 greedy equality needs a CPU with native bf16 (avx512_bf16 / amx_bf16)")
     model, reference = quantized
     engine = LLMEngine(model, config=EngineConfig(fast_forward=fast, max_num_batched_tokens=24, block_size=16))
     assert _run(engine, PROMPTS, GREEDY) == reference

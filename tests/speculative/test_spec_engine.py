@@ -228,7 +228,7 @@ def test_sampling_distribution_equals_the_target():
     for o in outs:
         observed[o[1] * V + o[2]] += 1
     # Draft tokens were accepted in a good share of the trees (else x3 would always come from a root row).
-    assert engine.stats.spec_tokens_total > 1.2 * engine.stats.spec_verify_total
+    assert engine.stats.spec_tokens_total - engine.stats.spec_verify_total > 50
     assert chi_square_p_value(observed, expected * n) > 1e-3
     # The test has power: the marginal of x3 without the x2 dependence is rejected.
     wrong = (p1[:, None, None] * p2[:, :, None] * p3.mean(1, keepdim=True)).sum(0).flatten()
