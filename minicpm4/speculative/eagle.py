@@ -25,15 +25,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
 
 from minicpm4.engine.fast_forward import FastDecoder
 from minicpm4.model import MiniCPMForCausalLM
 from minicpm4.speculative.draft_model import EagleDraft
 from minicpm4.speculative.tree import CandidateHistory, DraftTree, TreeShape, select_tree, single_node_tree
-from minicpm4.speculative.tree_attention import attention_with_mask
 
 # CPM.cu --spec-window-size: the draft's sliding attention window (TriForce-style; TR: keeps the first-token
 # latency low and improves draft accuracy).
@@ -42,12 +42,15 @@ DEFAULT_WINDOW = 1024
 
 @dataclass
 class DraftState:
-    """One sequence's draft cache: keys/values [n, Hkv, D] (post-RoPE) at positions `pos` [n], the pending
-    target rows (hidden [m, H] for positions pending_start ..), and the feature of the last fed pair."""
+    """One sequence's draft cache: keys/values kv [2, cap, Hkv, D] (post-RoPE) whose entries lo .. hi - 1 are the
+    pairs at consecutive positions first_pos .. (a draft key depends on its own pair only, so the cache is a
+    contiguous run of positions); entries from hi on are scratch for the current tree's keys. Plus the pending
+    target rows (hidden [m, H] for positions pending_start ..) and the feature of the last fed pair."""
 
-    k: torch.Tensor | None = None
-    v: torch.Tensor | None = None
-    pos: torch.Tensor | None = None  # int64 [n]
+    kv: torch.Tensor | None = None
+    lo: int = 0
+    hi: int = 0
+    first_pos: int = 0
     pending: list[torch.Tensor] = field(default_factory=list)
     pending_start: int = 0
     pending_len: int = 0
@@ -57,6 +60,11 @@ class DraftState:
     @property
     def pending_end(self) -> int:
         return self.pending_start + self.pending_len
+
+    @property
+    def end_pos(self) -> int:
+        """The position after the last cached pair."""
+        return self.first_pos + self.hi - self.lo
 
 
 def _draft_decoder(target: MiniCPMForCausalLM, draft: EagleDraft, head: torch.Tensor, context_len: int) -> FastDecoder:
@@ -94,7 +102,6 @@ class EagleDrafter:
         head = head.detach()
         self.head = (head if self.ids is None else head[self.ids]).to(self.draft_dtype).contiguous()  # [V', H]
         self.fast = _draft_decoder(target, self.draft, self.head, self.context_len)
-        self.new_k = self.new_v = None  # the last forward's keys/values [N, Hkv, D]
 
     # ---- state --------------------------------------------------------------------------------------------
     def drop(self, key: object) -> None:
@@ -121,44 +128,59 @@ class EagleDrafter:
         st.pending, st.pending_start, st.pending_len = [rows], st.pending_start + extra, rows.shape[0]
 
     # ---- the draft forward ------------------------------------------------------------------------------
-    def _forward(self, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
-                 ctx_k: torch.Tensor | None, ctx_v: torch.Tensor | None, mask: torch.Tensor) -> torch.Tensor:
-        """tokens [N], hidden [N, H], positions [N]; ctx_k/v [S, Hkv, D] keys the rows may see under mask [N, S + N]
-        (their own keys last) -> draft features [N, H]; the rows' keys/values in self.new_k / new_v."""
+    def _forward(self, st: DraftState, tokens: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor,
+                 start: int, at: int, mask: torch.Tensor) -> torch.Tensor:
+        """tokens [N], hidden [N, H], positions [N] -> draft features [N, H]. The rows' keys/values are written
+        into st.kv[:, at : at + N]; they attend to entries start .. at + N - 1 under mask [N, at + N - start]."""
         x = self.draft.fuse_inputs(self.target, tokens, hidden.to(self.draft_dtype))
+        N = tokens.numel()
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            self.new_k, self.new_v = k, v
-            keys = k if ctx_k is None else torch.cat([ctx_k, k])
-            values = v if ctx_v is None else torch.cat([ctx_v, v])
-            return attention_with_mask(q, keys, values, mask)
+            st.kv[0, at:at + N], st.kv[1, at:at + N] = k, v
+            keys, values = st.kv[0, start:at + N].transpose(0, 1), st.kv[1, start:at + N].transpose(0, 1)
+            o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], keys[None], values[None],
+                                               attn_mask=mask[None, None], enable_gqa=True)
+            return o[0].transpose(0, 1)
 
         return self.fast.layers_forward(x, positions, attend)
 
-    def _window_mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-        return (k_pos[None, :] <= q_pos[:, None]) & (k_pos[None, :] > q_pos[:, None] - self.window)
+    def _reserve(self, st: DraftState, n: int, like: torch.Tensor) -> None:
+        """Room for n more entries plus a tree's scratch after hi: allocate, or move the window to the front."""
+        cfg = self.target.config
+        need = n + self.shape.num_candidates + 1
+        cap = 2 * self.window + need
+        if st.kv is None or st.kv.shape[1] < need + min(st.hi - st.lo, self.window):
+            st.kv = torch.empty(2, cap, cfg.num_key_value_heads, cfg.head_dim, dtype=like.dtype, device=like.device)
+            st.first_pos, st.lo, st.hi = st.end_pos, 0, 0  # (only ever when empty: cap covers any later need)
+            return
+        if st.hi + need > st.kv.shape[1]:
+            keep = min(st.hi - st.lo, self.window)
+            st.kv[:, :keep] = st.kv[:, st.hi - keep:st.hi].clone()
+            st.first_pos += st.hi - keep - st.lo
+            st.lo, st.hi = 0, keep
 
     def _feed(self, st: DraftState, token_ids: list[int]) -> None:
         """Feed every pending pair whose next token is known."""
         n = min(st.pending_len, len(token_ids) - 1 - st.pending_start)
         if n <= 0:
             return
-        rows = torch.cat(st.pending)
+        rows = torch.cat(st.pending) if len(st.pending) > 1 else st.pending[0]
         hidden, rest = rows[:n], rows[n:]
         dev = hidden.device
-        positions = torch.arange(st.pending_start, st.pending_start + n, device=dev)
-        tokens = torch.tensor(token_ids[st.pending_start + 1:st.pending_start + 1 + n], dtype=torch.long, device=dev)
-        if st.pos is not None:  # keys the first new row can still see
-            keep = st.pos > st.pending_start - self.window
-            st.k, st.v, st.pos = st.k[keep], st.v[keep], st.pos[keep]
-        k_pos = positions if st.pos is None else torch.cat([st.pos, positions])
-        mask = self._window_mask(positions, k_pos)
-        feats = self._forward(tokens, hidden, positions, st.k, st.v, mask)
-        st.k = self.new_k if st.k is None else torch.cat([st.k, self.new_k])
-        st.v = self.new_v if st.v is None else torch.cat([st.v, self.new_v])
-        st.pos = k_pos
-        st.feature, st.feature_pos = feats[-1], int(positions[-1])
-        st.pending, st.pending_start, st.pending_len = ([rest] if rest.shape[0] else []), st.pending_start + n, rest.shape[0]
+        p0 = st.pending_start
+        if st.kv is None or st.end_pos != p0:  # a new run of positions (first feed, or after a gap)
+            st.kv, st.lo, st.hi, st.first_pos = None, 0, 0, p0
+        self._reserve(st, n, self.head)
+        # Keys the first new row can still see: positions > p0 - window.
+        start = st.lo + max(0, p0 - self.window + 1 - st.first_pos)
+        positions = torch.arange(p0, p0 + n, device=dev)
+        tokens = torch.tensor(token_ids[p0 + 1:p0 + 1 + n], dtype=torch.long, device=dev)
+        k_pos = torch.arange(st.first_pos + start - st.lo, p0 + n, device=dev)
+        mask = (k_pos[None, :] <= positions[:, None]) & (k_pos[None, :] > positions[:, None] - self.window)
+        feats = self._forward(st, tokens, hidden, positions, start, st.hi, mask)
+        st.hi += n
+        st.feature, st.feature_pos = feats[-1], p0 + n - 1
+        st.pending, st.pending_start, st.pending_len = ([rest] if rest.shape[0] else []), p0 + n, rest.shape[0]
 
     def _logp(self, features: torch.Tensor) -> torch.Tensor:
         """features [N, H] -> log-probabilities over the draft vocabulary [N, V'] (fp32)."""
@@ -189,20 +211,17 @@ class EagleDrafter:
         front_tokens, front_scores = tokens, top.values
         front_feat = st.feature[None].expand(tokens.numel(), -1)
         dev = front_feat.device
-        tree_k = tree_v = None
         anc = torch.zeros(tokens.numel(), 0, dtype=torch.bool, device=dev)  # frontier x tree keys so far
-        win = st.pos > P - 1 - self.window
-        ctx_k0, ctx_v0, ctx_pos = st.k[win], st.v[win], st.pos[win]
+        start = st.lo + max(0, P - self.window - st.first_pos)  # committed keys position P - 1 still sees
+        committed = st.hi - start
+        at = st.hi  # this tree's keys go after the committed ones (scratch, never committed)
         for d in range(1, shape.num_iter):
             n = front_tokens.numel()
             pos = torch.full((n,), P + d - 1, dtype=torch.long, device=dev)
-            committed = self._window_mask(pos, ctx_pos)
-            mask = torch.cat([committed, anc, torch.eye(n, dtype=torch.bool, device=dev)], dim=1)
-            ctx_k = ctx_k0 if tree_k is None else torch.cat([ctx_k0, tree_k])
-            ctx_v = ctx_v0 if tree_v is None else torch.cat([ctx_v0, tree_v])
-            feats = self._forward(front_tokens, front_feat, pos, ctx_k, ctx_v, mask)
-            tree_k = self.new_k if tree_k is None else torch.cat([tree_k, self.new_k])
-            tree_v = self.new_v if tree_v is None else torch.cat([tree_v, self.new_v])
+            mask = torch.cat([torch.ones(n, committed, dtype=torch.bool, device=dev), anc,
+                              torch.eye(n, dtype=torch.bool, device=dev)], dim=1)
+            feats = self._forward(st, front_tokens, front_feat, pos, start, at, mask)
+            at += n
             lp = self._logp(feats)  # [n, V']
             top = lp.topk(min(k, lp.shape[-1]), dim=-1)
             cum = front_scores[:, None] + top.values  # [n, k]
