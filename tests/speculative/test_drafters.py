@@ -15,6 +15,7 @@ from minicpm4.mtp import MTPHead
 from minicpm4.speculative.chain import ChainDrafter
 from minicpm4.speculative.config import SpeculativeConfig
 from minicpm4.speculative.draft_model import DraftOptions, build_draft, draft_from_mtp, load_draft, save_draft
+from minicpm4.speculative.eagle import EagleDrafter
 from minicpm4.speculative.tree import CandidateHistory, TreeShape, prune_tree, select_tree
 from tests.speculative.test_spec_engine import GREEDY, PROMPTS, run_all
 
@@ -130,3 +131,21 @@ def test_engine_builds_drafters_from_folders(tmp_path, model, reference):
     assert engine.drafter.shape.tree_size == 3
     with pytest.raises(ValueError, match="mode"):
         SpeculativeConfig("x", mode="medusa")
+
+
+@pytest.mark.parametrize("config", ["int4-head", "ternary"])
+def test_speculation_on_quantized_targets(config):
+    """Packed INT4 / ternary targets (the head packed too): the draft reads a dense copy of the head rows it
+    uses; verification runs the packed kernels; output == the quantized model's own reference path."""
+    from minicpm4.quant import Int4WeightOnlyConfig, TernaryQATConfig, quantize_
+
+    model = build_model(tiny(initializer_range=0.3, intermediate_size=192), seed=4).eval()
+    qconfig = Int4WeightOnlyConfig(group_size=32, lm_head=True) if config == "int4-head" else \
+        TernaryQATConfig(step="convert", group_size=32)
+    quantize_(model, qconfig)
+    ref = [o.token_ids for o in generate(model, PROMPTS, GREEDY)]
+    drafter = EagleDrafter(model, build_draft(model.config, seed=6), TreeShape(3, 3, 8),
+                           frspec_ids=torch.arange(512))
+    engine = LLMEngine(model, config=EngineConfig(block_size=16), drafter=drafter)
+    assert run_all(engine, PROMPTS, GREEDY) == ref
+    assert engine.stats.spec_verify_total > 0
