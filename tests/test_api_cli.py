@@ -12,7 +12,7 @@ from minicpm4.api import BUNDLED_TOKENIZER_DIR, demo_pipeline
 from minicpm4.cli import build_parser, main
 from minicpm4.config import tiny
 
-SUBCOMMANDS = ["generate", "chat", "info", "convert", "demo"]
+SUBCOMMANDS = ["generate", "chat", "info", "convert", "demo", "frspec-index"]
 
 
 @pytest.fixture(scope="module")
