@@ -45,6 +45,7 @@ _SOURCE = r"""
 #include <vector>
 #include <algorithm>
 #include <sched.h>
+#include <xmmintrin.h>
 
 typedef float v16 __attribute__((vector_size(64)));
 typedef float v8 __attribute__((vector_size(32)));
@@ -612,6 +613,11 @@ extern "C" void paged_attn_run(const void* q, int64_t q_sn, int64_t q_sh, int64_
                                const int32_t* qsl, const int32_t* ctx, const int64_t* pos, void* out, int64_t Hq,
                                int64_t Hkv, int64_t D, int64_t B, double scale, const int64_t* items, int64_t n_items,
                                int64_t Tc, int64_t* counter, const uint64_t* tmask, const int64_t* tbase) {
+    // Flush denormals for this call (restored on return): the exp2 of scores far below the row max lands in
+    // the denormal range, where x86 slows down ~50x per operation. Measured on the default model's real q/k: a
+    // 13-row draft-tree item at 600 keys took 250 us instead of 130; their contributions are below 2^-126 anyway.
+    const unsigned csr = _mm_getcsr();
+    _mm_setcsr(csr | 0x8040);  // FTZ | DAZ
     const Problem P{q, q_sn, q_sh, q_bf16, k, v, c_sb, c_sh, kv_bf16, bt, bt_s, qsl, ctx, pos, out, Hq, Hkv, D, B,
                     float(scale), tmask, tbase};
     const int64_t G = Hq / Hkv;
@@ -629,6 +635,7 @@ extern "C" void paged_attn_run(const void* q, int64_t q_sn, int64_t q_sh, int64_
         }
     }
     while (__atomic_load_n(counter + 1, __ATOMIC_ACQUIRE) < n_items) sched_yield();
+    _mm_setcsr(csr);
 }
 
 // Cache write: row i of k/v [N, Hkv, D] goes to block slot[i] / B, offset slot[i] % B of every head.

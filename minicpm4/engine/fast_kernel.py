@@ -225,7 +225,17 @@ static int64_t run_chunks(uint32_t gen, bool front, int64_t* ns_used) {
     }
 }
 
+// Denormals flushed inside the kernels (FTZ | DAZ in MXCSR; the caller's mode is restored on return): x86 runs an
+// operation on a denormal ~50x slower, and SiLU's exp or a softmax of far-below-max scores produce them; values
+// below 2^-126 change nothing the model computes. Pool threads keep the mode for life.
+struct FlushDenormals {
+    unsigned saved;
+    FlushDenormals() : saved(_mm_getcsr()) { _mm_setcsr(saved | 0x8040); }
+    ~FlushDenormals() { _mm_setcsr(saved); }
+};
+
 static void worker_main() {
+    _mm_setcsr(_mm_getcsr() | 0x8040);
     uint32_t seen = g_wake.load();
     for (;;) {
         uint32_t cur;
@@ -459,6 +469,7 @@ static void mlin(const Model* m, const void* x, const WD& w, void* y, int64_t M,
 // Pre-attention: x = RMSNorm_in(h); qkv = x W_qkv^T; RoPE q/k; split. h [N, H]; q/k/v outputs.
 // Returns -1 (and writes nothing) when a position is outside the rotary table, else 0.
 extern "C" int64_t ff_attn_in(void* mp, int64_t layer, const void* h, int64_t N, const int64_t* pos, void* q, void* k, void* v) {
+    FlushDenormals ftz;
     Model* m = (Model*)mp;
     for (int64_t t = 0; t < N; ++t)
         if (pos[t] < 0 || pos[t] >= m->ctx) return -1;
@@ -490,12 +501,14 @@ static void attn_out_mlp(Model* m, const LayerW& L, T* h, const T* o, int64_t N)
     PROF(m, 0, residual(h, (const T*)m->ob, N * H, m->rs));
 }
 extern "C" void ff_attn_out_mlp(void* mp, int64_t layer, void* h, const void* o, int64_t N) {
+    FlushDenormals ftz;
     Model* m = (Model*)mp;
     if (m->wbf16) attn_out_mlp(m, m->layers[layer], (bf16*)h, (const bf16*)o, N);
     else attn_out_mlp(m, m->layers[layer], (float*)h, (const float*)o, N);
 }
 
 extern "C" void ff_rmsnorm(void* mp, const void* x, const void* w, void* y, int64_t M) {
+    FlushDenormals ftz;
     Model* m = (Model*)mp;
     if (m->wbf16) rmsnorm((const bf16*)x, (const bf16*)w, (bf16*)y, M, m->H, m->eps);
     else rmsnorm((const float*)x, (const float*)w, (float*)y, M, m->H, m->eps);
@@ -504,6 +517,7 @@ extern "C" void ff_rmsnorm(void* mp, const void* x, const void* w, void* y, int6
 // Logits: y [M, V] fp32 = x [M, H] W^T (x already divided by the muP logit divisor), rounded through bf16 for bf16.
 // w: the dense head, or wq: a packed one.
 extern "C" void ff_logits(void* mp, const void* x, const void* w, const QW* wq, float* y, int64_t M, int64_t V) {
+    FlushDenormals ftz;
     Model* m = (Model*)mp;
     const int64_t e = m->wbf16 ? 2 : 4;
     for (int64_t s = 0; s < M; s += m->max_tokens) {  // stage in blocks of max_tokens rows
@@ -515,6 +529,7 @@ extern "C" void ff_logits(void* mp, const void* x, const void* w, const QW* wq, 
 
 // Plain GEMV for benchmarks/tests: y [M, N] = x [M, K] W^T with x staged (M * K elements <= max_tokens * max(H, I)).
 extern "C" void ff_linear(void* mp, const void* x, const void* w, void* y, int64_t M, int64_t N, int64_t K, int64_t out_mode) {
+    FlushDenormals ftz;
     Model* m = (Model*)mp;
     memcpy(m->xin, x, M * K * (m->wbf16 ? 2 : 4));
     mlin(m, m->xin, WD{w, nullptr}, y, M, N, K, out_mode);
