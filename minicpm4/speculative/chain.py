@@ -87,11 +87,7 @@ class ChainDrafter:
         dev = self.draft.device
         for d in range(1, n + 1):
             token = int(logits.argmax())
-            tree.tokens.append(token)
-            tree.parents.append(d - 1)
-            tree.depths.append(d)
-            tree.children.append({})
-            tree.children[d - 1][token] = d
+            tree.add(d - 1, token)
             if d == n:
                 break
             logits = decode_one_token(self.draft, torch.tensor([token], device=dev), torch.tensor([P + d], device=dev),

@@ -82,6 +82,16 @@ class DraftTree:
     def size(self) -> int:
         return len(self.tokens)
 
+    def add(self, parent: int, token: int) -> int:
+        """Append a child of `parent` carrying `token`; returns its node index (a parent precedes its children)."""
+        node = len(self.tokens)
+        self.tokens.append(token)
+        self.parents.append(parent)
+        self.depths.append(self.depths[parent] + 1)
+        self.children.append({})
+        self.children[parent].setdefault(token, node)
+        return node
+
     def ancestor_mask(self) -> torch.Tensor:
         """[n, n] bool: mask[i, j] = node j is node i or one of its ancestors (what node i attends to)."""
         n = self.size
@@ -121,12 +131,7 @@ def select_tree(root_token: int, history: CandidateHistory, tree_size: int) -> D
         p = int(parents[h])
         parent = 0 if p < 0 else node_of.get(p)
         assert parent is not None, "a selected candidate's parent is always selected (scores never increase)"
-        node = len(tree.tokens)
-        tree.tokens.append(int(tokens[h]))
-        tree.parents.append(parent)
-        tree.depths.append(tree.depths[parent] + 1)
-        tree.children.append({})
-        tree.children[parent].setdefault(int(tokens[h]), node)
+        tree.add(parent, int(tokens[h]))
     return tree
 
 
@@ -140,12 +145,5 @@ def prune_tree(tree: DraftTree, max_depth: int, max_nodes: int | None = None) ->
             break
         if tree.depths[i] > max_depth or tree.parents[i] not in new_of:
             continue
-        parent = new_of[tree.parents[i]]
-        node = len(out.tokens)
-        new_of[i] = node
-        out.tokens.append(tree.tokens[i])
-        out.parents.append(parent)
-        out.depths.append(tree.depths[i])
-        out.children.append({})
-        out.children[parent][tree.tokens[i]] = node
+        new_of[i] = out.add(new_of[tree.parents[i]], tree.tokens[i])
     return out

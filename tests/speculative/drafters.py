@@ -1,11 +1,35 @@
-"""Test drafters: an oracle that knows the reference continuation (so long paths are accepted and the KV
-commit is exercised), mixed with wrong siblings (so rejection is exercised too)."""
+"""Shared pieces of the speculative tests: the prompts, a runner that drives an engine to completion, and an
+oracle drafter that knows the reference continuation (so long paths are accepted and the KV commit is
+exercised), mixed with wrong siblings (so rejection is exercised too)."""
 
 from __future__ import annotations
 
 import torch
 
+from minicpm4.engine import LLMEngine, SamplingParams
 from minicpm4.speculative.tree import DraftTree, TreeShape, single_node_tree
+from tests.engine.test_engine import prompts_of
+
+GREEDY = SamplingParams(max_new_tokens=20, ignore_eos=True)
+PROMPTS = prompts_of([3, 40, 7, 150, 1, 90])
+
+
+def run_all(engine: LLMEngine, prompts, params, stagger: int = 0) -> list[list[int]]:
+    """Add the prompts (one every `stagger` steps, or all at once), step until done; tokens per prompt."""
+    out: dict[str, list[int]] = {}
+    pending, step = list(enumerate(prompts)), 0
+    while pending or engine.has_unfinished():
+        while pending and (stagger == 0 or step % stagger == 0):
+            i, p = pending.pop(0)
+            engine.add_request(p, params if not isinstance(params, list) else params[i], request_id=f"r{i}")
+            if stagger:
+                break
+        for o in engine.step():
+            if o.finished:
+                out[o.request_id] = o.token_ids
+        step += 1
+    assert engine.blocks.num_used == 0 and not engine.requests
+    return [out[f"r{i}"] for i in range(len(prompts))]
 
 
 class OracleDrafter:
@@ -27,15 +51,6 @@ class OracleDrafter:
     def drop(self, key) -> None:
         self.seen.pop(key, None)
 
-    def _add(self, tree: DraftTree, parent: int, token: int) -> int:
-        node = len(tree.tokens)
-        tree.tokens.append(token)
-        tree.parents.append(parent)
-        tree.depths.append(tree.depths[parent] + 1)
-        tree.children.append({})
-        tree.children[parent].setdefault(token, node)
-        return node
-
     def draft_tree(self, key, token_ids: list[int], shape=None) -> DraftTree:
         full = next((f for f in self.full if f[:len(token_ids)] == token_ids), None)
         tree = single_node_tree(token_ids[-1])
@@ -44,8 +59,8 @@ class OracleDrafter:
         for d in range(1, self.depth + 1):
             nxt = None
             for _ in range(self.wrong):
-                nxt = self._add(tree, parent, int(torch.randint(3, self.vocab, (1,), generator=self.rng)))
+                nxt = tree.add(parent, int(torch.randint(3, self.vocab, (1,), generator=self.rng)))
             if full is not None and d <= self.good_depth and P + d < len(full):
-                nxt = self._add(tree, parent, full[P + d])
+                nxt = tree.add(parent, full[P + d])
             parent = nxt
         return tree

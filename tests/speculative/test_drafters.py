@@ -8,7 +8,7 @@ import torch
 
 from minicpm4.checkpoint import save_model
 from minicpm4.config import tiny
-from minicpm4.engine import EngineConfig, LLMEngine, SamplingParams
+from minicpm4.engine import EngineConfig, LLMEngine
 from minicpm4.generate import generate
 from minicpm4.model import build_model
 from minicpm4.mtp import MTPHead
@@ -17,19 +17,9 @@ from minicpm4.speculative.config import SpeculativeConfig
 from minicpm4.speculative.draft_model import DraftOptions, build_draft, draft_from_mtp, load_draft, save_draft
 from minicpm4.speculative.eagle import EagleDrafter
 from minicpm4.speculative.tree import CandidateHistory, TreeShape, prune_tree, select_tree
-from tests.speculative.test_spec_engine import GREEDY, PROMPTS, run_all
+from tests.speculative.drafters import GREEDY, PROMPTS, run_all
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-@pytest.fixture(scope="module")
-def model():
-    return build_model(tiny(initializer_range=0.3), seed=4).eval()
-
-
-@pytest.fixture(scope="module")
-def reference(model):
-    return [o.token_ids for o in generate(model, PROMPTS, GREEDY)]
 
 
 def test_draft_folder_round_trip_and_options(tmp_path, model):

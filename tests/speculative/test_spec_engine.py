@@ -16,47 +16,9 @@ from minicpm4.speculative.draft_model import build_draft
 from minicpm4.speculative.eagle import EagleDrafter
 from minicpm4.speculative.tree import TreeShape
 from tests.engine.test_engine_infllmv2 import PARAMS as SPARSE_PARAMS, prompts_of as sparse_prompts, sparse_model
-from tests.speculative.drafters import OracleDrafter
+from tests.speculative.drafters import GREEDY, PROMPTS, OracleDrafter, prompts_of, run_all
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-GREEDY = SamplingParams(max_new_tokens=20, ignore_eos=True)
-
-
-def prompts_of(lengths, seed=0, vocab=1024):
-    g = torch.Generator().manual_seed(seed)
-    return [[1] + torch.randint(3, vocab, (n - 1,), generator=g).tolist() for n in lengths]
-
-
-PROMPTS = prompts_of([3, 40, 7, 150, 1, 90])
-
-
-@pytest.fixture(scope="module")
-def model():
-    return build_model(tiny(initializer_range=0.3), seed=4).eval()
-
-
-@pytest.fixture(scope="module")
-def reference(model):
-    return [o.token_ids for o in generate(model, PROMPTS, GREEDY)]
-
-
-def run_all(engine: LLMEngine, prompts, params, stagger: int = 0) -> list[list[int]]:
-    out: dict[str, list[int]] = {}
-    pending, step = list(enumerate(prompts)), 0
-    while pending or engine.has_unfinished():
-        while pending and (stagger == 0 or step % stagger == 0):
-            i, p = pending.pop(0)
-            engine.add_request(p, params if not isinstance(params, list) else params[i], request_id=f"r{i}")
-            if stagger:
-                break
-        for o in engine.step():
-            if o.finished:
-                out[o.request_id] = o.token_ids
-        step += 1
-    assert engine.blocks.num_used == 0 and not engine.requests
-    return [out[f"r{i}"] for i in range(len(prompts))]
-
 
 SHAPES = {"cpmcu-cli": TreeShape(2, 10, 12), "deep": TreeShape(4, 3, 16), "chain": TreeShape(3, 1, 4),
           "wide": TreeShape(1, 8, 9), "max": TreeShape(6, 10, 64)}
