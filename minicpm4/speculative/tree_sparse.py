@@ -23,31 +23,41 @@ from minicpm4.attention.paged import PagedKVCache
 from minicpm4.speculative.tree_attention import TreeRows, attention_with_mask, tree_attention_dense
 
 
-def per_node_windows(entries: PagedKernelEntries, pool: torch.Tensor, rows: TreeRows,
-                     node_keys: torch.Tensor) -> torch.Tensor:
-    """Compressed keys each node's selection sees: [Hkv, m, n, D] fp32 (n = the most any node has; a node's
-    entries past its own are never visible to it, select_blocks masks them by position).
+def path_windows(entries: PagedKernelEntries, pool: torch.Tensor, rows: TreeRows,
+                 node_keys: torch.Tensor) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """The committed compressed keys [Hkv, n1, D] (fp32; what the root sees) and, for each node with windows
+    ending inside its path, those windows [Hkv, c, D] (they follow the committed ones: entries n1 .. n1 + c - 1).
     node_keys [Hkv, m, D]: the nodes' post-RoPE keys of this layer."""
     p, s = entries.kernel_size, entries.kernel_stride
     L = rows.root_pos + 1
     committed = entries.up_to(pool, rows.block_table, L)  # [Hkv, n1, D]
-    Hkv, n1, D = committed.shape
-    m = rows.num_nodes
+    n1 = committed.shape[1]
     counts = [num_windows(q + 1, p, s) - n1 for q in rows.positions]
-    x = max(counts)
-    out = committed[:, None].expand(Hkv, m, n1, D)
-    if x <= 0:
-        return out
-    extra = committed.new_zeros(Hkv, m, x, D)
+    extras: dict[int, torch.Tensor] = {}
+    if max(counts) <= 0:
+        return committed, extras
     base = n1 * s  # the first path window starts here (it needs committed keys base .. P)
+    Hkv, D = committed.shape[0], committed.shape[2]
     tail = gather_slots(pool, rows.block_table, base, L) if base < L else pool.new_zeros(Hkv, 0, D)
     for i, c in enumerate(counts):
-        if c <= 0:
-            continue
-        path = [j for j in range(m) if rows.ancestors[i, j]]  # node order = depth order along one path
-        keys = torch.cat([tail, node_keys[:, path].to(tail.dtype)], dim=1)  # positions base .. p_i
-        extra[:, i, :c] = compress_keys(keys, p, s)[:, :c]
-    return torch.cat([out, extra], dim=2)
+        if c > 0:
+            path = [j for j in range(rows.num_nodes) if rows.ancestors[i, j]]  # node order = depth order
+            keys = torch.cat([tail, node_keys[:, path].to(tail.dtype)], dim=1)  # positions base .. p_i
+            extras[i] = compress_keys(keys, p, s)[:, :c]
+    return committed, extras
+
+
+def _with_extras(committed: torch.Tensor, extras: dict[int, torch.Tensor], nodes: list[int]) -> torch.Tensor:
+    """Per-query compressed keys [Hkv, len(nodes), n1 + x, D] for the nodes that have path windows (padding past
+    a node's own entries is never visible to it: select_blocks masks entries by position)."""
+    x = max(extras[i].shape[1] if i in extras else 0 for i in nodes)
+    Hkv, n1, D = committed.shape
+    out = committed.new_zeros(Hkv, len(nodes), n1 + x, D)
+    out[:, :, :n1] = committed[:, None]
+    for r, i in enumerate(nodes):
+        if i in extras:
+            out[:, r, n1:n1 + extras[i].shape[1]] = extras[i]
+    return out
 
 
 def tree_attention_sparse(backend, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -64,10 +74,28 @@ def tree_attention_sparse(backend, layer_idx: int, q: torch.Tensor, k: torch.Ten
     m = rows.num_nodes
     layer = backend.state(cache).layer(layer_idx, dev)
     node_keys = k.transpose(0, 1)  # [Hkv, m, D]
-    c1 = per_node_windows(layer.c1, k_pool, rows, node_keys)
-    c2 = None if layer.c2 is None else per_node_windows(layer.c2, k_pool, rows, node_keys)
+    c1, ex1 = path_windows(layer.c1, k_pool, rows, node_keys)
+    c2, ex2 = (None, {}) if layer.c2 is None else path_windows(layer.c2, k_pool, rows, node_keys)
     pos = torch.tensor(positions, dtype=torch.long, device=dev)
-    block_idx = select_blocks(q.transpose(0, 1), c1, c2, pos, max(positions) + 1, s)  # [Hkv, m, K]
+    num_keys = max(positions) + 1
+    qs = q.transpose(0, 1)  # [Hq, m, D]
+    # Nodes without path windows (nearly all: one window ends every kernel_stride positions) select together
+    # from the shared committed keys, as a prefill chunk does; the others one by one with their own entries.
+    special = sorted(set(ex1) | set(ex2))
+    shared = [i for i in range(m) if i not in ex1 and i not in ex2]
+    parts = {}
+    if shared:
+        idx = torch.tensor(shared, device=dev)
+        parts[tuple(shared)] = select_blocks(qs[:, idx], c1, c2, pos[idx], num_keys, s)
+    if special:
+        idx = torch.tensor(special, device=dev)
+        c1s = _with_extras(c1, ex1, special)
+        c2s = None if c2 is None else _with_extras(c2, ex2, special)
+        parts[tuple(special)] = select_blocks(qs[:, idx], c1s, c2s, pos[idx], num_keys, s)
+    K = max(b.shape[-1] for b in parts.values())
+    block_idx = torch.full((c1.shape[0], m, K), -1, dtype=torch.long, device=dev)  # [Hkv, m, K]
+    for nodes, b in parts.items():
+        block_idx[:, list(nodes), :b.shape[-1]] = b
     lists = attended_blocks(pos, block_idx, s)  # [Hkv, m, NB] logical ids, -1 padded
     Hkv = lists.shape[0]
     nb = max(positions) // B + 1
