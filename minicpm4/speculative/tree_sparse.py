@@ -20,7 +20,8 @@ from minicpm4.attention.infllmv2.compress import compress_keys, num_windows
 from minicpm4.attention.infllmv2.paged_cache import PagedKernelEntries, gather_slots
 from minicpm4.attention.infllmv2.selection import select_blocks
 from minicpm4.attention.paged import PagedKVCache
-from minicpm4.speculative.tree_attention import TreeRows, attention_with_mask, tree_attention_dense
+from minicpm4.attention.paged_attention import write_kv
+from minicpm4.speculative.tree_attention import TreeRows, attention_with_mask, node_slots, tree_attention_dense
 
 
 def path_windows(entries: PagedKernelEntries, pool: torch.Tensor, rows: TreeRows,
@@ -97,12 +98,64 @@ def tree_attention_sparse(backend, layer_idx: int, q: torch.Tensor, k: torch.Ten
     for nodes, b in parts.items():
         block_idx[:, list(nodes), :b.shape[-1]] = b
     lists = attended_blocks(pos, block_idx, s)  # [Hkv, m, NB] logical ids, -1 padded
+    dense = pos + 1 < s.dense_len
+    if not bool(dense.any()) and (P + m) // B == P // B:
+        # Every node in the root's page: that page is each node's own block, which InfLLM v2 always attends.
+        return _stage2_paged(q, k, v, k_pool, v_pool, rows, lists, B)
+    return _stage2_gather(q, k, v, k_pool, v_pool, rows, lists, pos, dense, B)
+
+
+def _stage2_paged(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                  rows: TreeRows, lists: torch.Tensor, B: int) -> torch.Tensor:
+    """Stage 2 in place through the paged kernel, for trees whose nodes all sit in the root's page (the tail):
+    per KV head, node i is a one-query sequence whose block table is its attended committed blocks below the
+    tail, then the tail page, where the nodes' K/V sit after the root (slots P + 1 .. P + m, written here; the
+    commit rewrites them); the nodes' keys obey the ancestor bits (paged_attention's tree mask). The InfLLM v2
+    backend's own stage 2 runs the same kind of pseudo-sequences."""
+    from minicpm4.attention.paged_attention import paged_attention
+
+    dev = q.device
+    m, Hq, D = q.shape
+    Hkv = lists.shape[0]
+    G = Hq // Hkv
+    P = rows.root_pos
+    write_kv(k_pool, v_pool, k, v, torch.tensor(node_slots(rows, B), dtype=torch.long, device=dev))
+    tail = P // B
+    table = torch.tensor(rows.block_table, dtype=torch.long, device=dev)
+    full = (lists >= 0) & (lists < tail)  # a prefix of every row: the lists are ascending, -1 padded
+    nf = full.sum(-1)  # [Hkv, m] full committed blocks attended
+    NB = lists.shape[-1]
+    tables = torch.zeros(Hkv, m, NB + 1, dtype=torch.long, device=dev)
+    tables[..., :NB] = torch.where(full, table[lists.clamp(min=0)], 0)
+    tables.scatter_(2, nf[..., None], table[tail].expand(Hkv, m, 1).contiguous())  # the tail page, last
+    base = nf * B + P % B + 1  # [Hkv, m]: the first node key of each pseudo-sequence
+    ctx = base + m
+    bits = torch.tensor([sum(1 << j for j, a in enumerate(row) if a) for row in rows.ancestors.tolist()],
+                        dtype=torch.long, device=dev)
+    qsl = torch.arange(m + 1, dtype=torch.int32, device=dev)
+    out = torch.empty_like(q)
+    for h in range(Hkv):
+        c = ctx[h].to(torch.int32)
+        out[:, h * G:(h + 1) * G] = paged_attention(
+            q[:, h * G:(h + 1) * G].contiguous(), k_pool[:, h:h + 1], v_pool[:, h:h + 1], tables[h].to(torch.int32),
+            qsl, c, (c - 1).long(), tree_mask=bits, tree_base=base[h])
+    return out
+
+
+def _stage2_gather(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                   rows: TreeRows, lists: torch.Tensor, pos: torch.Tensor, dense: torch.Tensor, B: int) -> torch.Tensor:
+    """Stage 2 by one gather of the union of the nodes' attended committed blocks and a masked softmax: any mix of
+    sparse nodes and nodes below dense_len (which see every committed key)."""
+    dev = q.device
+    m = rows.num_nodes
+    P = rows.root_pos
+    positions = rows.positions
+    node_keys = k.transpose(0, 1)  # [Hkv, m, D]
     Hkv = lists.shape[0]
     nb = max(positions) // B + 1
     vis = torch.zeros(Hkv, m, nb + 1, dtype=torch.bool, device=dev)  # column nb: the -1 padding's sink
     vis.scatter_(2, torch.where(lists >= 0, lists, nb), True)
     vis = vis[..., :nb]
-    dense = pos + 1 < s.dense_len
     vis[:, dense] = True
     # Committed keys: the union of every node's attended committed blocks, gathered once.
     nbc = P // B + 1
