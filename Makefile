@@ -107,3 +107,24 @@ $(DEFAULT_MODEL)/eval.json: $(RUN)/sft/final/config.json
 	$(PY) -m minicpm4.train.default_model --run $(RUN) --data $(DATA) --out $(DEFAULT_MODEL) --generations 160
 	mkdir -p benchmarks/results/default-model  # the loss curves, kept with the results (runs/ is a build output)
 	for stage in pretrain long sft; do cp $(RUN)/$$stage/loss.png benchmarks/results/default-model/$$stage-loss.png; done
+
+# ---- the default model's EAGLE-2 draft: `make default-draft` (model card: $(DEFAULT_MODEL)/draft/README.md) ----
+# Distilled from the shipped default model (frozen) on the corpus shards + the SFT chat set (minicpm4/train/draft.py).
+# fp32: on the 2-core AVX-512 CPU it trains faster than bf16 autocast (2,660 vs 1,370 tokens/s, batch 16 x 256).
+# About 25 minutes of steps + ~10 to load the chat set and validate; resumes from its last checkpoint if interrupted.
+DEFAULT_DRAFT := $(DEFAULT_MODEL)/draft
+DRAFT_ARGS := --steps 600 --batch-size 16 --seq-len 256 --lr 1e-2 --warmup 20 --decay 120 --dtype float32 \
+	--eval-every 200 --eval-batches 0 --save-every 50
+.PHONY: default-draft
+default-draft: $(DEFAULT_DRAFT)/model.safetensors
+
+$(RUN)/draft/final/config.json: | $(DATA)/shards/meta.json $(DATA)/sft/stats.json
+	$(MINICPM4) train draft --model $(DEFAULT_MODEL) --data $(DATA)/shards --chat-data $(DATA)/sft/train.jsonl \
+		--out $(RUN)/draft $(DRAFT_ARGS) --no-progress $(call resume,$(RUN)/draft)
+
+$(DEFAULT_DRAFT)/model.safetensors: $(RUN)/draft/final/config.json
+	mkdir -p $(DEFAULT_DRAFT)
+	cp $(RUN)/draft/final/config.json $(RUN)/draft/final/model.safetensors $(DEFAULT_DRAFT)/
+	# FR-Spec indexes beside it (freq_{N}.pt, CPM.cu's format, + frspec.json): 200,000 corpus texts, ~30 s
+	$(MINICPM4) frspec-index --model $(DEFAULT_MODEL) --corpus $(DATA)/corpus --sizes 1024,2048,4096 \
+		--max-lines 200000 --out $(DEFAULT_DRAFT) --quiet

@@ -1,4 +1,5 @@
-"""`minicpm4 train pretrain | long | sft | qat`: thin wrappers over stages.* and trainer.train.
+"""`minicpm4 train pretrain | long | sft | qat | draft`: thin wrappers over stages.* and trainer.train (draft:
+train/draft.py, the EAGLE draft head of a frozen target).
 
 The same command runs under `torchrun --nproc_per_node N minicpm4 train ...` (DDP by default, --parallel
 fsdp for FSDP2). Each run folder holds metrics.jsonl, loss.png, checkpoints/ and, at the end, final/ (a
@@ -27,10 +28,19 @@ TRAIN_FLAGS = {
 # stable phase can be continued into a longer run with its own decay (the LR is the same until the decay begins).
 RESUME_FREE = ("out_dir", "steps", "decay_steps", "parallel", "device", "eval_every", "save_every", "keep_last",
                "log_every", "progress", "peak_flops", "compile", "eval_batches")
+# flag -> DraftTrainConfig field, for the draft stage's flags whose argparse default is None
+DRAFT_FLAGS = {
+    "model": "model", "data": "data", "chat_data": "chat_data", "val_chat_data": "val_chat_data", "init": "init",
+    "residual_scale": "residual_scale", "batch_size": "micro_batch_size", "grad_accum": "grad_accum",
+    "seq_len": "seq_len", "lr": "lr", "warmup": "warmup_steps", "decay": "decay_steps", "decay_shape": "decay_shape",
+    "min_lr_ratio": "min_lr_ratio", "weight_decay": "weight_decay", "grad_clip": "grad_clip", "seed": "seed",
+    "kl_weight": "kl_weight", "feature_weight": "feature_weight", "unroll_weight": "unroll_weight", "dtype": "dtype",
+    "eval_batches": "eval_batches",
+}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="pretrain, long-context, SFT and ternary QAT training (also under torchrun)")
+    p = sub.add_parser("train", help="pretrain, long-context, SFT, ternary QAT and draft training (also under torchrun)")
     stages = p.add_subparsers(dest="stage", metavar="STAGE")
     stages.required = True
 
@@ -85,6 +95,54 @@ def register(sub: argparse._SubParsersAction) -> None:
     _common(s)
     s.set_defaults(func=cmd_qat)
 
+    s = stages.add_parser("draft", help="train the EAGLE-2 draft head of a frozen target (speculative decoding)",
+                          description="Distil a one-layer EAGLE-2 draft from the frozen --model: KL to the target's "
+                          "next-token distribution + smooth-L1 to its next hidden state, on its own output features "
+                          "one step further too (train/draft.py). Writes RUN_DIR/final, a MiniCPM4 Eagle draft folder "
+                          "for `--draft`. --init mtp:PATH starts from a pretraining run's MTP head.")
+    s.add_argument("--model", required=True, metavar="MODEL_DIR",
+                   help="the target: HF model folder or a training run folder")
+    s.add_argument("--data", default=None, metavar="DIR", help="token-shard folder (train.bin; val.bin validates)")
+    s.add_argument("--chat-data", default=None, metavar="JSONL",
+                   help="chat conversations (pairs predicting assistant tokens)")
+    s.add_argument("--val-chat-data", default=None, metavar="JSONL", help="validation conversations")
+    s.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder: checkpoints, metrics, final draft")
+    s.add_argument("--init", default=None, metavar="random|mtp:PATH",
+                   help="random (default) or the MTP head of a pretraining run (its folder, final/ or a checkpoint)")
+    s.add_argument("--convert-mtp-only", action="store_true",
+                   help="write the --init mtp:PATH head converted to RUN_DIR/final without training")
+    s.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    s.add_argument("--steps", type=int, default=None, help="optimizer steps (default 1000)")
+    g = s.add_argument_group("batch, optimizer and loss (default: DraftTrainConfig)")
+    g.add_argument("--batch-size", type=int, default=None, help="rows per micro-batch (default 8)")
+    g.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step")
+    g.add_argument("--seq-len", type=int, default=None, help="tokens per row, <= 1024 (the draft window; default 512)")
+    g.add_argument("--lr", type=float, default=None, help="peak (muP base) learning rate (default 3e-3)")
+    g.add_argument("--warmup", type=int, default=None, help="warmup steps")
+    g.add_argument("--decay", type=int, default=None, help="decay steps (the last steps of the run)")
+    g.add_argument("--decay-shape", choices=["linear", "cosine", "exp", "1-sqrt"], default=None)
+    g.add_argument("--min-lr-ratio", type=float, default=None, help="final LR / peak LR")
+    g.add_argument("--weight-decay", type=float, default=None)
+    g.add_argument("--grad-clip", type=float, default=None, help="max gradient norm (0 = off)")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--kl-weight", type=float, default=None, help="weight of KL(target || draft) (default 1.0)")
+    g.add_argument("--feature-weight", type=float, default=None, help="weight of the feature smooth-L1 (default 1.0)")
+    g.add_argument("--unroll-weight", type=float, default=None,
+                   help="weight of the unrolled depth-2 step (default 1.0; 0 = off)")
+    g.add_argument("--no-unroll", action="store_true", help="no unrolled step (= --unroll-weight 0)")
+    g.add_argument("--residual-scale", choices=["cpmcu", "vllm", "mtp"], default=None,
+                   help="a random draft's residual scale convention (default cpmcu)")
+    g = s.add_argument_group("run")
+    g.add_argument("--dtype", choices=["auto", "bfloat16", "float32"], default=None,
+                   help="autocast dtype (auto: bfloat16 on CUDA and AVX-512 CPUs)")
+    g.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    g.add_argument("--eval-every", type=int, default=0, help="steps between validation runs (0: at the end)")
+    g.add_argument("--eval-batches", type=int, default=None, help="validation micro-batches (default 8; 0 = all)")
+    g.add_argument("--save-every", type=int, default=0, help="steps between checkpoints (0: at the end)")
+    g.add_argument("--keep", type=int, default=3, help="checkpoints to keep")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar / step lines")
+    s.set_defaults(func=cmd_draft)
+
 
 def _common(s: argparse.ArgumentParser) -> None:
     s.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder: checkpoints, metrics, final model")
@@ -133,24 +191,25 @@ def _overrides(args: argparse.Namespace) -> dict:
     return out
 
 
-def _resumed(args: argparse.Namespace, model_config, cfg):
-    """With --resume and a checkpoint in --out: the checkpoint's configs (+ the free run flags); else as given."""
-    from minicpm4.config import MiniCPMConfig
-    from minicpm4.train.checkpointing import latest_checkpoint, read_train_state
-    from minicpm4.train.trainer import TrainConfig
+def _resume_checkpoint(args: argparse.Namespace) -> Path | None:
+    """The checkpoint a run continues from: the latest in --out with --resume; None when --out has none; an
+    error when it has one and --resume was not given (never clobber a run)."""
+    from minicpm4.train.checkpointing import latest_checkpoint
 
     latest = latest_checkpoint(args.out)
     if latest is None:
         if args.resume:
             print(f"note: --resume: no checkpoint in {args.out}, starting from scratch", file=sys.stderr)
-        return model_config, cfg, False
+        return None
     if not args.resume:
         raise UserError(f"--out {args.out} already holds checkpoints ({latest.name}): pass --resume to continue "
                         "or choose another --out")
-    state = read_train_state(latest)
-    saved = TrainConfig.from_dict(state.train_config)
-    given = _overrides(args)
-    for flag, field in TRAIN_FLAGS.items():
+    return latest
+
+
+def _merge_saved(args: argparse.Namespace, cfg, saved, flags: dict[str, str], given: dict):
+    """The saved config with the free run flags of `cfg` (RESUME_FREE); an explicit flag that contradicts it fails."""
+    for flag, field in flags.items():
         if field in given and field not in RESUME_FREE and given[field] != getattr(saved, field):
             raise UserError(f"--{flag.replace('_', '-')} {given[field]} differs from the checkpoint's "
                             f"{getattr(saved, field)}; a resumed run keeps its settings")
@@ -159,15 +218,30 @@ def _resumed(args: argparse.Namespace, model_config, cfg):
         free.pop("steps")
     if args.decay is None:  # never a preset's default: only an explicit --decay changes the saved schedule
         free.pop("decay_steps")
-    return MiniCPMConfig.from_dict(state.model_config), dataclasses.replace(saved, **free), True
+    return dataclasses.replace(saved, **free)
 
 
-def _model_dir(path: str) -> Path:
+def _resumed(args: argparse.Namespace, model_config, cfg):
+    """With --resume and a checkpoint in --out: the checkpoint's configs (+ the free run flags); else as given."""
+    from minicpm4.config import MiniCPMConfig
+    from minicpm4.train.checkpointing import read_train_state
+    from minicpm4.train.trainer import TrainConfig
+
+    latest = _resume_checkpoint(args)
+    if latest is None:
+        return model_config, cfg, False
+    state = read_train_state(latest)
+    saved = TrainConfig.from_dict(state.train_config)
+    merged = _merge_saved(args, cfg, saved, TRAIN_FLAGS, _overrides(args))
+    return MiniCPMConfig.from_dict(state.model_config), merged, True
+
+
+def _model_dir(path: str, flag: str = "--init") -> Path:
     p = Path(path)
     for candidate in (p, p / "final"):
         if (candidate / "config.json").is_file():
             return candidate
-    raise UserError(f"--init {path}: no config.json there or in {p / 'final'}")
+    raise UserError(f"{flag} {path}: no config.json there or in {p / 'final'}")
 
 
 def _tokenizer_dir(args: argparse.Namespace, *candidates: Path | None) -> Path | None:
@@ -354,6 +428,12 @@ def cmd_export(args: argparse.Namespace) -> None:
     if path is None or not (path / "train_state.json").is_file():
         raise UserError(f"{args.checkpoint or args.run}: no checkpoint found")
     state = read_train_state(path)
+    if state.extra.get("stage") == "draft":  # a draft run: its checkpoint is the draft head alone
+        from minicpm4.train.draft import export_checkpoint
+
+        step, out = export_checkpoint(path, args.out)
+        print(f"exported draft step {step} of {args.run} to {out}")
+        return
     config = MiniCPMConfig.from_dict(state.model_config)
     cfg = TrainConfig.from_dict(state.train_config)
     module = build_train_module(config, cfg)  # the checkpoint's config already carries its parametrisation
@@ -361,3 +441,59 @@ def cmd_export(args: argparse.Namespace) -> None:
     out = export_final(TrainResult(step=state.step, module=module, info=DistInfo()), args.out,
                        _tokenizer_dir(args, Path(args.run) / "final", Path(args.run)))
     print(f"exported step {state.step} of {args.run} to {out}")
+
+
+def _draft_flag_error(e: ValueError) -> UserError:
+    """DraftTrainConfig.validate names the field; on the command line, name the flag."""
+    msg = str(e)
+    for flag, field in sorted(DRAFT_FLAGS.items(), key=lambda kv: -len(kv[1])):
+        if msg.startswith(field + " ") or msg.startswith(field + ":"):
+            return UserError(f"--{flag.replace('_', '-')}{msg[len(field):]}")
+    return UserError(msg)
+
+
+def cmd_draft(args: argparse.Namespace) -> None:
+    from minicpm4.train import draft
+    from minicpm4.train.checkpointing import read_train_state
+
+    if args.no_unroll:
+        if args.unroll_weight not in (None, 0):
+            raise UserError("--no-unroll contradicts --unroll-weight; give one of them")
+        args.unroll_weight = 0.0
+    given = {field: getattr(args, flag) for flag, field in DRAFT_FLAGS.items() if getattr(args, flag) is not None}
+    given["model"] = str(_model_dir(args.model, "--model"))
+    given.update(out_dir=str(args.out), device=args.device, eval_every=args.eval_every, save_every=args.save_every,
+                 keep_last=args.keep, progress=not args.no_progress)
+    if args.steps is not None:
+        given["steps"] = args.steps
+    for name, path in (("--data", args.data), ("--chat-data", args.chat_data), ("--val-chat-data", args.val_chat_data)):
+        if path is not None and not Path(path).exists():
+            raise UserError(f"{name} {path}: no such file or folder")
+    cfg = draft.DraftTrainConfig(**given)
+    if args.convert_mtp_only:
+        if not cfg.init.startswith("mtp:"):
+            raise UserError("--convert-mtp-only needs --init mtp:PATH")
+        print(f"draft converted from the MTP head of {cfg.init[4:]}: {draft.convert_mtp(cfg)}")
+        return
+    if cfg.data is None and cfg.chat_data is None:
+        raise UserError("give training data: --data (token shards) and/or --chat-data (chat JSONL)")
+    latest = _resume_checkpoint(args)
+    if latest is not None:
+        saved = draft.DraftTrainConfig.from_dict(read_train_state(latest).train_config)
+        cfg = _merge_saved(args, cfg, saved, DRAFT_FLAGS, given)
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise _draft_flag_error(e) from None
+    result = draft.train_draft(cfg, resume=latest is not None)
+    final = draft.finish(result, cfg)
+    msg = f"draft: {result.step} steps"
+    if result.losses:
+        msg += f", last loss {result.losses[-1]:.4f}, top-1 agreement {result.agree[-1]:.3f}"
+    if result.val:
+        msg += f", validation agreement {result.val['val_agree']:.3f}"
+        if "val_agree_2" in result.val:
+            msg += f" (depth 2: {result.val['val_agree_2']:.3f})"
+    if result.tokens_per_s:
+        msg += f", {result.tokens_per_s:,.0f} tokens/s"
+    print(f"{msg}\ndraft: {final}")
