@@ -16,7 +16,7 @@ from minicpm4.attention.infllmv2.selection import (
     kernel_range_of_block,
     pool_block_scores,
     select_blocks,
-    select_blocks_reference,
+    select_blocks_reference, reference_block_scores,
     visible_kernels,
 )
 from minicpm4.attention.infllmv2.settings import BUDGET_VARIANTS, InfLLMv2Settings, settings_from_config
@@ -132,7 +132,22 @@ def test_select_blocks_equals_the_reference(variant, Hq, Hkv, monkeypatch):
         qq = q[:, positions]
         idx = select_blocks(qq, c1, c2, positions, L, s)
         assert idx.dtype == torch.long and idx.shape == (Hkv, len(positions), min(s.topk, math.ceil(L / 16)))
-        assert torch.equal(idx, select_blocks_reference(qq, c1, c2, positions, L, s))
+        assert_same_selection_up_to_ties(idx, select_blocks_reference(qq, c1, c2, positions, L, s),
+                                         reference_block_scores(qq, c1, c2, positions, L, s))
+
+
+def assert_same_selection_up_to_ties(idx, ref, score, rtol=1e-4):
+    """idx == ref, except for queries whose sets swap blocks the reference scores equally up to fp32 rounding
+    (the chunked fast path and the reference sum in different orders; which of two near-tied blocks wins then
+    depends on the CPU's kernels: seen on an AVX-512 Xeon without bf16, not on an EPYC)."""
+    for h, t in (idx != ref).any(-1).nonzero().tolist():
+        a, b = set(idx[h, t].tolist()) - {-1}, set(ref[h, t].tolist()) - {-1}
+        assert len(a) == len(b), (h, t, a, b)
+        swapped = [score[h, t, i] for i in a ^ b]
+        kth = min(score[h, t, i] for i in b)
+        assert all(abs(v - kth) <= rtol * abs(kth) for v in swapped), (h, t, a ^ b, swapped, kth)
+    differing = int((idx != ref).any(-1).sum())
+    assert differing <= max(1, 0.05 * idx.shape[0] * idx.shape[1]), differing  # ties are rare; a bug changes many
 
 
 def test_select_blocks_equals_the_reference_at_the_real_sizes():

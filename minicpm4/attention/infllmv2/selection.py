@@ -206,6 +206,24 @@ def select_blocks(q: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor | None, po
 def select_blocks_reference(q: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor | None, positions: torch.Tensor,
                             num_keys: int, settings: InfLLMv2Settings) -> torch.Tensor:
     """The readable spec of select_blocks (MINICPM4.md §3.8): whole matrices, explicit per-block loop."""
+    score = reference_block_scores(q, c1, c2, positions, num_keys, settings)
+    neg = float("-inf")
+    Hkv, T, nb = score.shape
+    K = min(settings.topk, nb)
+    values, ids = score.sort(dim=-1, descending=True, stable=True)  # ties: lower block id first
+    values, ids = values[..., :K], ids[..., :K]
+    idx = torch.full_like(ids, -1)
+    for h in range(Hkv):
+        for t in range(T):
+            chosen = sorted(i for v, i in zip(values[h, t].tolist(), ids[h, t].tolist()) if v != neg)
+            idx[h, t, :len(chosen)] = torch.tensor(chosen, dtype=torch.long)
+    return idx
+
+
+def reference_block_scores(q: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor | None, positions: torch.Tensor,
+                           num_keys: int, settings: InfLLMv2Settings) -> torch.Tensor:
+    """The reference's score of every block [Hkv, T, nb] after forcing (inf) and masking (-inf): what its top-k
+    ranks. Tests use it to tell a real selection difference from a float-rounding tie."""
     s = settings
     Hq, T, D = q.shape
     Hkv, n1, _ = c1.shape
@@ -236,13 +254,4 @@ def select_blocks_reference(q: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor 
     score = score.masked_fill(local, float("inf") if s.local_mode == "forced_in_topk" else neg)
     score = score.masked_fill(b < s.init_blocks, float("inf"))
     own_or_future = (b >= qb) if s.local_mode == "separate_window" else (b > qb)
-    score = score.masked_fill(own_or_future, neg)
-    K = min(s.topk, nb)
-    values, ids = score.sort(dim=-1, descending=True, stable=True)  # ties: lower block id first
-    values, ids = values[..., :K], ids[..., :K]
-    idx = torch.full_like(ids, -1)
-    for h in range(Hkv):
-        for t in range(T):
-            chosen = sorted(i for v, i in zip(values[h, t].tolist(), ids[h, t].tolist()) if v != neg)
-            idx[h, t, :len(chosen)] = torch.tensor(chosen, dtype=torch.long)
-    return idx
+    return score.masked_fill(own_or_future, neg)
