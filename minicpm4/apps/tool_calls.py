@@ -1,0 +1,130 @@
+"""MiniCPM4's tool-call format (MINICPM4.md §9.2) <-> OpenAI `tools` / `tool_calls`.
+
+The prompt: a system message that lists the tools as JSON (OpenAI's function schemas) and says how to call them;
+the assistant writes an optional `<|thought_start|>…<|thought_end|>`, then `<|tool_call_start|>` + Python-style
+calls, one per line, e.g. `get_time(timezone="Europe/Paris")`, + `<|tool_call_end|>`. Results come back as
+`tool` messages. (The report gives the markers and the call syntax but not its system prompt; ours is below.)
+
+Parsing uses `ast` and `ast.literal_eval` on each argument, never `eval`: a call is a bare function name with
+keyword arguments whose values are literals (strings, numbers, booleans, None, lists, dicts); positional
+arguments are mapped to the schema's parameter order. Anything else — a syntax error, an attribute call, an
+expression as a value, an unknown tool — makes the whole reply plain text (no tool calls), never an error.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+THOUGHT_START, THOUGHT_END = "<|thought_start|>", "<|thought_end|>"
+CALL_START, CALL_END = "<|tool_call_start|>", "<|tool_call_end|>"
+_CALLS = re.compile(re.escape(CALL_START) + r"(.*?)(?:" + re.escape(CALL_END) + r"|$)", re.S)
+_THOUGHT = re.compile(re.escape(THOUGHT_START) + r"(.*?)(?:" + re.escape(THOUGHT_END) + r"|$)", re.S)
+_LITERALS = {True: "True", False: "False", None: "None"}
+
+
+@dataclass
+class ToolCall:
+    name: str
+    arguments: dict[str, Any]
+
+
+@dataclass
+class ParsedReply:
+    content: str  # the text outside the markers (the whole reply when it holds no valid call)
+    calls: list[ToolCall] = field(default_factory=list)
+    thought: str | None = None
+
+
+def tools_system_prompt(tools: list[dict]) -> str:
+    """The system-prompt section that offers `tools` (OpenAI function specs: {"type": "function", "function": {...}})."""
+    specs = json.dumps([t.get("function", t) for t in tools], ensure_ascii=False, indent=1)
+    return ("# Tools\n\nYou may call one or more of these functions to answer the user:\n" + specs +
+            f"\n\nTo call functions, write {CALL_START} followed by one Python-style call per line with keyword "
+            f"arguments, e.g. {CALL_START}function_name(argument=\"value\"){CALL_END}. You may think first inside "
+            f"{THOUGHT_START}…{THOUGHT_END}. The results come back as tool messages.")
+
+
+def format_value(value: Any) -> str:
+    """A JSON value as a Python literal (true -> True, null -> None; strings with JSON-style escapes are fine)."""
+    if isinstance(value, bool) or value is None:
+        return _LITERALS[value]
+    if isinstance(value, (int, float, str)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(format_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{format_value(str(k))}: {format_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"tool argument of type {type(value).__name__} is not JSON")
+
+
+def format_call(name: str, arguments: dict[str, Any]) -> str:
+    return f"{name}(" + ", ".join(f"{k}={format_value(v)}" for k, v in arguments.items()) + ")"
+
+
+def format_assistant(content: str | None, calls: list[ToolCall]) -> str:
+    """An assistant turn with tool calls, as the model writes it (for conversation history)."""
+    text = content or ""
+    if calls:
+        text += CALL_START + "\n".join(format_call(c.name, c.arguments) for c in calls) + CALL_END
+    return text
+
+
+def _parameter_names(tools: list[dict] | None) -> dict[str, list[str]]:
+    out = {}
+    for t in tools or []:
+        fn = t.get("function", t)
+        if isinstance(fn, dict) and isinstance(fn.get("name"), str):
+            props = (fn.get("parameters") or {}).get("properties") or {}
+            out[fn["name"]] = list(props) if isinstance(props, dict) else []
+    return out
+
+
+def _parse_calls(source: str, params: dict[str, list[str]] | None) -> list[ToolCall] | None:
+    try:
+        tree = ast.parse(source.strip(), mode="exec")
+    except SyntaxError:
+        return None
+    calls = []
+    for stmt in tree.body:
+        if not (isinstance(stmt, ast.Expr) and isinstance(stmt.value, ast.Call) and isinstance(stmt.value.func, ast.Name)):
+            return None
+        call, name = stmt.value, stmt.value.func.id
+        if params is not None and name not in params:
+            return None
+        try:
+            args = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords if kw.arg is not None}
+            positional = [ast.literal_eval(a) for a in call.args]
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            return None
+        if len(args) != len(call.keywords):  # **kwargs
+            return None
+        if positional:
+            names = (params or {}).get(name, [])
+            if len(positional) > len(names):
+                return None
+            args = {**dict(zip(names, positional)), **args}
+        calls.append(ToolCall(name, args))
+    return calls
+
+
+def parse_reply(text: str, tools: list[dict] | None = None) -> ParsedReply:
+    """The model's reply -> its text, its tool calls (every call block must parse; else none) and its thought.
+    tools: the offered tools (calls to other names are not calls); None accepts any name."""
+    blocks = _CALLS.findall(text)
+    thought_m = _THOUGHT.search(text)
+    thought = thought_m.group(1).strip() if thought_m else None
+    if not blocks:
+        return ParsedReply(text, [], thought)
+    params = _parameter_names(tools) if tools is not None else None
+    calls: list[ToolCall] = []
+    for block in blocks:
+        parsed = _parse_calls(block, params)
+        if not parsed:
+            return ParsedReply(text, [], thought)  # malformed: the reply stays plain text
+        calls.extend(parsed)
+    content = _THOUGHT.sub("", _CALLS.sub("", text)).strip()
+    return ParsedReply(content, calls, thought)
