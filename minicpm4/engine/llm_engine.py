@@ -21,7 +21,6 @@ from minicpm4.engine.text import TextState
 from minicpm4.model import MiniCPMForCausalLM
 from minicpm4.sampling import SamplingParams
 from minicpm4.speculative.tree import DraftTree, prune_tree
-from minicpm4.speculative.tree_attention import commit_accepted
 from minicpm4.speculative.verify import accept_path
 from minicpm4.tokenizer import Tokenizer
 
@@ -227,11 +226,7 @@ class LLMEngine:
         self.stats.spec_draft_nodes_total += tree.size - 1
         if seq.is_finished:
             return
-        rows = result.tree_step.rows[sorted(result.tree_logits).index(index)]
-        writes = commit_accepted(self.runner.cache, result.tree_step, rows, [n - 1 for n in path])
-        note = getattr(self.runner.backend, "note_external_writes", None)
-        if note is not None and writes:
-            note(self.runner.cache, writes)
+        self.runner.commit_tree(result, index, path)
         P = seq.num_computed_tokens - 1
         seq.num_computed_tokens += len(path)
         self.blocks.commit(seq)

@@ -20,8 +20,9 @@ from minicpm4.engine.config import EngineConfig
 from minicpm4.engine.scheduler import ScheduledSequence
 from minicpm4.model import MiniCPMForCausalLM
 from minicpm4.speculative.tree import DraftTree
-from minicpm4.speculative.tree_attention import (PagedTreePlan, TreeRows, TreeStep, paged_tree_attention,
-                                                 paged_tree_plan, plan_page_writes, tree_attention_dense)
+from minicpm4.speculative.tree_attention import (PagedTreePlan, TreeRows, TreeStep, commit_accepted,
+                                                 paged_tree_attention, paged_tree_plan, plan_page_writes,
+                                                 tree_attention_dense)
 
 
 @dataclass
@@ -34,9 +35,11 @@ class StepLogits:
     hidden: torch.Tensor | None = None  # [N + M, H]: every row of the step (the drafter reads them)
     row_starts: list[int] | None = None  # per scheduled entry, its first row
     # Speculative verification: per scheduled entry index with a draft tree, the logits [n, V] and hidden
-    # [n, H] of its tree rows (root first), and the step's stashed node K/V (speculative/tree_attention.py).
+    # [n, H] of its tree rows (root first) and its node rows; the step's stashed node K/V
+    # (speculative/tree_attention.py).
     tree_logits: dict[int, torch.Tensor] | None = None
     tree_hidden: dict[int, torch.Tensor] | None = None
+    tree_rows: dict[int, TreeRows] | None = None
     tree_step: TreeStep | None = None
 
 
@@ -150,12 +153,11 @@ class ModelRunner:
 
     def tree_attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: TreeRows) -> torch.Tensor:
         """One sequence's draft-tree nodes (speculative/tree_attention.py): dense, or InfLLM v2's selection."""
-        k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]
-        if self.model.config.sparse_config is not None:
+        if self.dense_len is not None:
             from minicpm4.speculative.tree_sparse import tree_attention_sparse  # imported on use
 
             return tree_attention_sparse(self.backend, layer, q, k, v, self.cache, rows)
-        return tree_attention_dense(q, k, v, k_pool, v_pool, rows)
+        return tree_attention_dense(q, k, v, self.cache.k[layer], self.cache.v[layer], rows)
 
     def tree_plan(self, batch: PagedBatch, tree: TreeStep) -> PagedTreePlan | None:
         if self.dense_len is None or (max(batch.context_lens_host) < self.dense_len and
@@ -206,11 +208,11 @@ class ModelRunner:
         offset = 0
         row_starts = []
         tree_index: dict[int, list[int]] = {}
-        node_rows = iter(tree_step.rows) if tree_step is not None else iter(())
+        tree_rows = dict(zip(sorted(trees), tree_step.rows)) if tree_step is not None else {}
         for i, entry in enumerate(scheduled):
             row_starts.append(offset)
             if i in trees:
-                nodes = next(node_rows)
+                nodes = tree_rows[i]
                 tree_index[i] = [offset] + [N0 + nodes.start + j for j in range(nodes.num_nodes)]
                 offset += entry.num_tokens
                 continue
@@ -239,4 +241,11 @@ class ModelRunner:
                 tree_logits[i], tree_hidden[i] = tl[at:at + n], th[at:at + n]
                 at += n
         return StepLogits(sample_logits, sample_seqs, prompt_logits, hidden, row_starts, tree_logits, tree_hidden,
-                          tree_step)
+                          tree_rows, tree_step)
+
+    def commit_tree(self, result: StepLogits, index: int, path: list[int]) -> None:
+        """After the walk: the accepted nodes (tree node indices below the root, in path order) of entry `index`
+        get their K/V into the slots after the root; InfLLM v2's compressed keys drop what covered those pages."""
+        writes = commit_accepted(self.cache, result.tree_step, result.tree_rows[index], [n - 1 for n in path])
+        if writes and self.dense_len is not None:
+            self.backend.note_external_writes(self.cache, writes)

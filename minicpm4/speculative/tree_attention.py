@@ -1,11 +1,11 @@
 """Target-side attention of the draft-tree rows in a verification step (MINICPM4.md §3.7, §4.3).
 
 A verification step packs, per speculating sequence, its root (the last committed token at position P,
-a plain decode row: it goes through the engine's paged backend, writes its K/V into the pool and attends
-exactly as plain decoding) and the m = n - 1 tree nodes below it, node i at position P + depth(i). The
-nodes' K/V are NOT written into the pool (a rejected branch never touches the cache or InfLLM v2's
-compressed keys): they are kept per layer (`TreeStep.stash`) and the accepted ones are written afterwards
-into consecutive slots (`commit_accepted`) — KV compaction by construction.
+a plain decode row: it writes its K/V into the pool and attends exactly as plain decoding) and the m = n - 1
+tree nodes below it, node i at position P + depth(i). During the step the nodes' K/V sit in slots P + 1 ..
+P + m (node order) of pages the scheduler reserved, beyond the committed context, so no committed key and no
+InfLLM v2 compressed key covers them; they are also kept per layer (`TreeStep.stash`), and after the walk the
+accepted ones are rewritten into slots P + 1 .. P + a in path order (`commit_accepted`): KV compaction.
 
 Node i attends to keys 0 .. P of its sequence (the committed cache, root included) and to the nodes on its
 own path (ancestors and itself: `TreeRows.ancestors`). With InfLLM v2 (sparse rows), the committed keys
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from minicpm4.attention.infllmv2.paged_cache import gather_slots
+from minicpm4.attention.infllmv2.paged_cache import gather_slots, page_writes
 from minicpm4.attention.paged import PagedKVCache
 from minicpm4.attention.paged_attention import write_kv
 
@@ -63,42 +63,34 @@ def attention_with_mask(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
 
 
 def tree_attention_dense(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor,
-                         v_pool: torch.Tensor, tree: TreeRows,
-                         committed_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """One sequence's nodes: q [m, Hq, D], k/v [m, Hkv, D] -> [m, Hq, D]. committed_mask [m, P + 1] (sparse
-    selection) restricts the committed keys; None = all of them."""
+                         v_pool: torch.Tensor, tree: TreeRows) -> torch.Tensor:
+    """The reference: one sequence's nodes q [m, Hq, D], k/v [m, Hkv, D] -> [m, Hq, D] against every committed
+    key (0 .. P, gathered) and their paths."""
     L = tree.root_pos + 1
     kc = gather_slots(k_pool, tree.block_table, 0, L).transpose(0, 1)  # [L, Hkv, D]
     vc = gather_slots(v_pool, tree.block_table, 0, L).transpose(0, 1)
-    visible = committed_mask if committed_mask is not None else torch.ones(q.shape[0], L, dtype=torch.bool,
-                                                                            device=q.device)
+    visible = torch.ones(q.shape[0], L, dtype=torch.bool, device=q.device)
     mask = torch.cat([visible, tree.ancestors.to(q.device)], dim=1)
     return attention_with_mask(q, torch.cat([kc, k.to(kc.dtype)]), torch.cat([vc, v.to(vc.dtype)]), mask)
 
 
-def accepted_slots(tree: TreeRows, num_accepted_nodes: int, block_size: int) -> list[int]:
-    """Slots of positions P + 1 .. P + a (the accepted nodes below the root, in path order)."""
-    table = tree.block_table
-    return [table[p // block_size] * block_size + p % block_size
-            for p in range(tree.root_pos + 1, tree.root_pos + 1 + num_accepted_nodes)]
+def node_slots(rows: TreeRows, block_size: int) -> list[int]:
+    """Slots of positions P + 1 .. P + m: node i's K/V during verification."""
+    table, P = rows.block_table, rows.root_pos
+    return [table[p // block_size] * block_size + p % block_size for p in range(P + 1, P + 1 + rows.num_nodes)]
 
 
 def commit_accepted(cache: PagedKVCache, step: TreeStep, tree: TreeRows, path_nodes: list[int]) -> list[tuple[int, int]]:
     """Write the stashed K/V of the accepted nodes (node indices among tree.rows' nodes, root excluded, in path
-    order) into consecutive slots after the root, every layer. Returns the (page, first offset) writes."""
+    order) into slots P + 1 .. P + a, every layer. Returns the (page, first offset) writes (InfLLM v2's rule)."""
     if not path_nodes:
         return []
+    a, B = len(path_nodes), cache.block_size
     rows = torch.tensor([tree.start + i for i in path_nodes], dtype=torch.long)
-    slots = accepted_slots(tree, len(path_nodes), cache.block_size)
-    slot_t = torch.tensor(slots, dtype=torch.long, device=cache.k[0].device)
+    slot_t = torch.tensor(node_slots(tree, B)[:a], dtype=torch.long, device=cache.k[0].device)
     for layer, (k, v) in step.stash.items():
         write_kv(cache.k[layer], cache.v[layer], k[rows.to(k.device)], v[rows.to(v.device)], slot_t)
-    B = cache.block_size
-    writes: dict[int, int] = {}
-    for s in slots:
-        page, off = s // B, s % B
-        writes[page] = min(writes.get(page, off), off)
-    return sorted(writes.items())
+    return page_writes([tree.block_table], [a], [tree.root_pos + 1 + a], B)
 
 
 # ---- the paged route: each tree one sequence of the paged kernel, under a tree mask ---------------------------
@@ -125,12 +117,6 @@ class PagedTreePlan:
     positions: torch.Tensor  # kernel positions (a node passes its tree's last slot; RoPE used the real one)
     tree_mask: torch.Tensor  # int64 ancestor bits per row (ordinary rows: 0, unused)
     tree_base: torch.Tensor  # int64 per sequence: first tree key, -1 for ordinary sequences
-
-
-def node_slots(rows: TreeRows, block_size: int) -> list[int]:
-    """Slots of positions P + 1 .. P + m: node i's K/V during verification."""
-    table, P = rows.block_table, rows.root_pos
-    return [table[p // block_size] * block_size + p % block_size for p in range(P + 1, P + 1 + rows.num_nodes)]
 
 
 def paged_tree_plan(batch, rows_list: list[TreeRows], block_size: int, include_batch: bool = True) -> PagedTreePlan:
@@ -166,12 +152,11 @@ def paged_tree_plan(batch, rows_list: list[TreeRows], block_size: int, include_b
 
 
 def plan_page_writes(plan: PagedTreePlan, block_size: int) -> list[tuple[int, int]]:
-    """(page, first offset) of every slot the plan's rows write (InfLLM v2's write rule)."""
-    writes: dict[int, int] = {}
-    for slot in plan.slot_mapping.tolist():
-        page, off = divmod(slot, block_size)
-        writes[page] = min(writes.get(page, off), off)
-    return sorted(writes.items())
+    """(page, first offset) of every page the plan's rows write (InfLLM v2's write rule): each of its sequences
+    writes its last query_len positions (a tree: P + 1 .. P + m)."""
+    qsl = plan.query_start_loc.tolist()
+    return page_writes(plan.block_tables.tolist(), [b - a for a, b in zip(qsl, qsl[1:])],
+                       plan.context_lens.tolist(), block_size)
 
 
 def paged_tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_pool: torch.Tensor,
