@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 
 from minicpm4.attention.dense import DenseAttention
 from minicpm4.attention.metadata import AttentionMetadata
-from minicpm4.checkpoint import save_model
 from minicpm4.cli import build_parser, main
 from minicpm4.config import tiny
 from minicpm4.model import build_model
@@ -24,6 +23,7 @@ from minicpm4.train.data import Batch, TokenWindows
 from minicpm4.train.draft import (DraftTrainConfig, draft_forward, draft_steps, evaluate_draft, initial_draft,
                                   load_mtp_head, load_target, train_draft)
 from minicpm4.train.metrics import read_metrics
+from tests.test_train import write_shards as train_shards
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 VOCAB = 128
@@ -31,17 +31,7 @@ VOCAB = 128
 
 def write_shards(folder: Path, num_docs: int = 300, seed: int = 0) -> Path:
     """Documents that count upwards from a random start: a target trained on them is predictable."""
-    rng = np.random.default_rng(seed)
-    docs = [np.concatenate([[1], (rng.integers(3, 100) + np.arange(rng.integers(20, 60))) % (VOCAB - 3) + 3, [2]])
-            for _ in range(num_docs)]
-    tokens = np.concatenate(docs).astype(np.uint16)
-    split = int(len(tokens) * 0.9)
-    folder.mkdir(parents=True, exist_ok=True)
-    tokens[:split].tofile(folder / "train.bin")
-    tokens[split:].tofile(folder / "val.bin")
-    (folder / "meta.json").write_text(json.dumps({"dtype": "uint16", "vocab_size": VOCAB, "bos_token_id": 1,
-                                                  "eos_token_id": 2, "num_tokens": int(len(tokens))}))
-    return folder
+    return train_shards(folder, num_docs, seed, vocab=VOCAB, modulus=VOCAB - 3, max_start=100, max_len=60)
 
 
 @pytest.fixture(scope="module")

@@ -39,17 +39,19 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def write_shards(folder: Path, num_docs: int = 600, seed: int = 0) -> Path:
-    """Learnable toy corpus in the shard format: each document counts upwards from a random start."""
+def write_shards(folder: Path, num_docs: int = 600, seed: int = 0, vocab: int = 256, modulus: int = 250,
+                 max_start: int = 200, max_len: int = 100) -> Path:
+    """Learnable toy corpus in the shard format: each document counts upwards from a random start (ids wrap at
+    modulus + 3; 0-2 are pad/BOS/EOS)."""
     rng = np.random.default_rng(seed)
-    docs = [np.concatenate([[1], (rng.integers(3, 200) + np.arange(rng.integers(20, 100))) % 250 + 3, [2]])
+    docs = [np.concatenate([[1], (rng.integers(3, max_start) + np.arange(rng.integers(20, max_len))) % modulus + 3, [2]])
             for _ in range(num_docs)]
     tokens = np.concatenate(docs).astype(np.uint16)
     split = int(len(tokens) * 0.9)
     folder.mkdir(parents=True, exist_ok=True)
     tokens[:split].tofile(folder / "train.bin")
     tokens[split:].tofile(folder / "val.bin")
-    meta = {"dtype": "uint16", "vocab_size": 256, "bos_token_id": 1, "eos_token_id": 2, "num_tokens": int(len(tokens))}
+    meta = {"dtype": "uint16", "vocab_size": vocab, "bos_token_id": 1, "eos_token_id": 2, "num_tokens": int(len(tokens))}
     (folder / "meta.json").write_text(json.dumps(meta))
     return folder
 

@@ -118,12 +118,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step")
     g.add_argument("--seq-len", type=int, default=None, help="tokens per row, <= 1024 (the draft window; default 512)")
     g.add_argument("--lr", type=float, default=None, help="peak (muP base) learning rate (default 3e-3)")
-    g.add_argument("--warmup", type=int, default=None, help="warmup steps")
-    g.add_argument("--decay", type=int, default=None, help="decay steps (the last steps of the run)")
-    g.add_argument("--decay-shape", choices=["linear", "cosine", "exp", "1-sqrt"], default=None)
-    g.add_argument("--min-lr-ratio", type=float, default=None, help="final LR / peak LR")
-    g.add_argument("--weight-decay", type=float, default=None)
-    g.add_argument("--grad-clip", type=float, default=None, help="max gradient norm (0 = off)")
+    _schedule_options(g)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--kl-weight", type=float, default=None, help="weight of KL(target || draft) (default 1.0)")
     g.add_argument("--feature-weight", type=float, default=None, help="weight of the feature smooth-L1 (default 1.0)")
@@ -144,6 +139,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.set_defaults(func=cmd_draft)
 
 
+def _schedule_options(g) -> None:
+    """The WSD schedule and optimizer flags every stage shares (argparse default None: the stage's own default)."""
+    g.add_argument("--warmup", type=int, default=None, help="warmup steps")
+    g.add_argument("--decay", type=int, default=None, help="decay steps (the last steps of the run)")
+    g.add_argument("--decay-shape", choices=["linear", "cosine", "exp", "1-sqrt"], default=None)
+    g.add_argument("--min-lr-ratio", type=float, default=None, help="final LR / peak LR")
+    g.add_argument("--weight-decay", type=float, default=None)
+    g.add_argument("--grad-clip", type=float, default=None, help="max gradient norm (0 = off)")
+
+
 def _common(s: argparse.ArgumentParser) -> None:
     s.add_argument("--out", required=True, metavar="RUN_DIR", help="run folder: checkpoints, metrics, final model")
     s.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
@@ -154,12 +159,7 @@ def _common(s: argparse.ArgumentParser) -> None:
     g.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step")
     g.add_argument("--seq-len", type=int, default=None)
     g.add_argument("--lr", type=float, default=None, help="peak (muP base) learning rate")
-    g.add_argument("--warmup", type=int, default=None, help="warmup steps")
-    g.add_argument("--decay", type=int, default=None, help="decay steps (the last steps of the run)")
-    g.add_argument("--decay-shape", choices=["linear", "cosine", "exp", "1-sqrt"], default=None)
-    g.add_argument("--min-lr-ratio", type=float, default=None, help="final LR / peak LR")
-    g.add_argument("--weight-decay", type=float, default=None)
-    g.add_argument("--grad-clip", type=float, default=None, help="max gradient norm (0 = off)")
+    _schedule_options(g)
     g.add_argument("--mtp-weight", type=float, default=None, help="λ of the MTP loss (0 = no MTP head)")
     g.add_argument("--parametrization", choices=["mup", "standard"], default=None)
     g.add_argument("--seed", type=int, default=None)
