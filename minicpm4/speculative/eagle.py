@@ -102,7 +102,6 @@ class EagleDrafter:
         head = head.detach()
         self.head = (head if self.ids is None else head[self.ids]).to(self.draft_dtype).contiguous()  # [V', H]
         self.fast = _draft_decoder(target, self.draft, self.head, self.context_len)
-        self.embed, self.scale_emb = target.model.embed_tokens.weight, target.config.scale_emb
 
     # ---- state --------------------------------------------------------------------------------------------
     def drop(self, key: object) -> None:
@@ -133,7 +132,7 @@ class EagleDrafter:
                  start: int, at: int, mask: torch.Tensor) -> torch.Tensor:
         """tokens [N], hidden [N, H], positions [N] -> draft features [N, H]. The rows' keys/values are written
         into st.kv[:, at : at + N]; they attend to entries start .. at + N - 1 under mask [N, at + N - start]."""
-        x = self._fuse_inputs(tokens, hidden)
+        x = self.draft.fuse_inputs(self.target, tokens, hidden.to(self.draft_dtype))
         N = tokens.numel()
 
         def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -144,16 +143,6 @@ class EagleDrafter:
             return o[0].transpose(0, 1)
 
         return self.fast.layers_forward(x, positions, attend)
-
-    def _fuse_inputs(self, tokens: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        """EagleDraft.fuse_inputs' math in fused ops (RMSNorm: normalise in fp32, cast, scale, as model.RMSNorm):
-        a draft step is a few rows, so op count, not arithmetic, is its cost."""
-        d, dt = self.draft, self.draft_dtype
-        e = F.embedding(tokens, self.embed) * self.scale_emb
-        n1, n2 = d.input_norm1, d.input_norm2
-        a = F.rms_norm(e.float(), (e.shape[-1],), eps=n1.eps).to(dt) * n1.weight
-        b = F.rms_norm(hidden.float(), (hidden.shape[-1],), eps=n2.eps).to(dt) * n2.weight
-        return d.fc(torch.cat([a, b], dim=-1))
 
     def _reserve(self, st: DraftState, n: int, like: torch.Tensor) -> None:
         """Room for n more entries plus a tree's scratch after hi: allocate, or move the window to the front."""
