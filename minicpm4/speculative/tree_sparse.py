@@ -7,8 +7,10 @@ the windows that end inside the path, P + 1 .. p_i, whose keys are partly the pa
 path-specific windows (at most ceil(depth / stride)) are computed per node from the committed tail and the
 node's ancestors' keys, so no draft key ever enters the shared C1 / C2 (MINICPM4.md §3.7), and the
 selection equals plain decoding's. Stage 2: the node attends the keys of its attended blocks (per KV head)
-among the committed ones and among its path (ancestors + itself); only the union of the attended committed
-blocks of the sequence's nodes is gathered, not the whole cache. Nodes below dense_len attend densely.
+among the committed ones and among its path (ancestors + itself). When every node sits in the root's page,
+that runs in place through the paged kernel (_stage2_paged: one-query pseudo-sequences under the tree mask);
+otherwise (a tree crossing a page boundary or dense_len) the union of the nodes' attended committed blocks is
+gathered once (_stage2_gather). Nodes below dense_len attend densely.
 """
 
 from __future__ import annotations
