@@ -4,9 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup clean corpus corpus-packages browser-packages
+.PHONY: demo test setup clean corpus corpus-packages browser-packages mcp-servers
 
-setup: $(STAMP) browser-packages
+setup: $(STAMP) browser-packages mcp-servers
 
 # torch first and pinned: the CPU build lies on local disk; a bare `torch` would pull a CUDA build.
 $(STAMP): pyproject.toml
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/minicpm4 demo
 
-test: $(STAMP) browser-packages
+test: $(STAMP) browser-packages mcp-servers
 	$(PY) -m pytest -q
 
 # The chat-page test drives the system's Chromium through chromedriver (tests/server/test_server_browser.py).
@@ -36,8 +36,18 @@ browser-packages:
 			|| echo "warning: could not install $$missing; the browser test will skip"; \
 	fi
 
+# Third-party MCP servers from PyPI for `minicpm4 mcp` and its tests (tests/apps/test_mcp_*.py), in their own
+# venv as any MCP server runs (uvx, Docker): mcp-server-calculator 0.2.1 needs the 1.x SDK (`mcp<2`), our host uses
+# 2.x. A failed install is only a warning: those tests then skip, saying why.
+MCP_SERVERS := build/mcp-servers
+mcp-servers: $(MCP_SERVERS)/.installed
+$(MCP_SERVERS)/.installed:
+	@$(PYTHON) -m venv $(MCP_SERVERS) && $(MCP_SERVERS)/bin/pip install -q "mcp<2" mcp-server-time \
+		"mcp-server-calculator>=0.2.1" && touch $@ \
+		|| echo "warning: could not install the MCP servers into $(MCP_SERVERS); their tests will skip"
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache $(MCP_SERVERS)
 
 # ---- data: `make corpus` builds the offline corpus, tokenizer, token shards and SFT set under build/data/ ----
 # Sources are Debian text packages (licences: minicpm4/data/corpus.py). Each step runs only when its output

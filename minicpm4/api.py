@@ -130,7 +130,10 @@ class Pipeline:
         values = {**self.defaults, **{k: v for k, v in overrides.items() if v is not None}}
         return SamplingParams(**values)
 
-    def encode_prompt(self, prompt: str | Messages) -> list[int]:
+    def encode_prompt(self, prompt: str | Messages | list[int]) -> list[int]:
+        """Prompt ids: a string (BOS + text), chat messages (the chat template), or ids as they are."""
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            return list(prompt)
         if isinstance(prompt, str):
             return self.tokenizer.encode(prompt)
         return self.tokenizer.encode_chat(prompt, add_generation_prompt=True)

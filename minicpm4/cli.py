@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "minicpm4.train.tunnel_cli",  # tunnel (ModelTunnel muP LR search)
     "minicpm4.server.cli",  # serve (OpenAI-compatible server + chat page)
     "minicpm4.quant.cli",  # quantize (INT4 RTN / GPTQ / P-GPTQ / S-P-GPTQ, ternary)
+    "minicpm4.apps.mcp_cli",  # mcp (MCP host: tool use over stdio servers) | mcp eval | mcp synth
 )
 
 

@@ -73,6 +73,56 @@ def format_assistant(content: str | None, calls: list[ToolCall]) -> str:
     return text
 
 
+def _content_text(content: Any) -> str:
+    """An OpenAI message content: a string, None, or a list of {"type": "text", "text": ...} parts."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(part.get("text", "") if isinstance(part, dict) else str(part) for part in content)
+
+
+def call_from_openai(call: dict, where: str) -> ToolCall:
+    """An OpenAI tool_calls entry ({"function": {"name", "arguments": JSON string}}) -> ToolCall.
+    Raises ValueError naming `where` (e.g. "messages[3].tool_calls") when the arguments are not a JSON object."""
+    fn = call.get("function") or {}
+    try:
+        args = json.loads(fn.get("arguments") or "{}")
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: tool call arguments are not JSON: {e}") from e
+    if not isinstance(args, dict):
+        raise ValueError(f"{where}: tool call arguments must be a JSON object")
+    return ToolCall(fn.get("name", ""), args)
+
+
+def render_conversation(messages: list[dict], tools: list[dict] | None = None) -> list[dict[str, str]]:
+    """OpenAI chat messages (+ offered tools) -> chat-template messages {role, content}: the tools section joins
+    the system message, assistant tool_calls are written as the model writes them, developer becomes system.
+    The one rendering shared by the server, the MCP host, tool-use data synthesis and evaluation."""
+    out = []
+    for i, m in enumerate(messages):
+        content = _content_text(m.get("content"))
+        if m.get("role") == "assistant" and m.get("tool_calls"):
+            calls = [call_from_openai(c, f"messages[{i}].tool_calls") for c in m["tool_calls"]]
+            content = format_assistant(content, calls)
+        role = m.get("role")
+        out.append({"role": "system" if role == "developer" else role, "content": content})
+    if tools:
+        section = tools_system_prompt(tools)
+        if out and out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + section}
+        else:
+            out.insert(0, {"role": "system", "content": section})
+    return out
+
+
+def openai_tool_calls(calls: list[ToolCall], ids: list[str]) -> list[dict]:
+    """ToolCalls -> OpenAI `tool_calls` entries (arguments as a JSON string)."""
+    return [{"id": i, "type": "function",
+             "function": {"name": c.name, "arguments": json.dumps(c.arguments, ensure_ascii=False)}}
+            for c, i in zip(calls, ids)]
+
+
 def _parameter_names(tools: list[dict] | None) -> dict[str, list[str]]:
     out = {}
     for t in tools or []:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import uuid
 
-from minicpm4.apps.tool_calls import CALL_START, ToolCall, format_assistant, parse_reply, tools_system_prompt
+from minicpm4.apps.tool_calls import CALL_START, parse_reply, render_conversation
 from minicpm4.server.errors import ApiError
 from minicpm4.server.protocol import (ChatCompletionRequest, ChatMessage, DeltaToolCall, FunctionCall,
                                       MessageToolCall, NamedToolChoice)
@@ -42,36 +42,13 @@ def reply_prefix(body: ChatCompletionRequest) -> str:
     return ""
 
 
-def _content(m: ChatMessage) -> str:
-    if m.content is None:
-        return ""
-    return m.content if isinstance(m.content, str) else "".join(part.text for part in m.content)
-
-
 def render_messages(messages: list[ChatMessage], tools: list[dict] | None = None) -> list[dict[str, str]]:
     """Chat-template messages (role, content) for the request, the tools section in the system message."""
-    out = []
-    for i, m in enumerate(messages):
-        content = _content(m)
-        if m.role == "assistant" and m.tool_calls:
-            calls = []
-            for c in m.tool_calls:
-                try:
-                    args = json.loads(c.function.arguments or "{}")
-                except json.JSONDecodeError as e:
-                    raise ApiError(400, f"tool call arguments are not JSON: {e}", f"messages[{i}].tool_calls") from e
-                if not isinstance(args, dict):
-                    raise ApiError(400, "tool call arguments must be a JSON object", f"messages[{i}].tool_calls")
-                calls.append(ToolCall(c.function.name, args))
-            content = format_assistant(content, calls)
-        out.append({"role": "system" if m.role == "developer" else m.role, "content": content})
-    if tools:
-        section = tools_system_prompt(tools)
-        if out and out[0]["role"] == "system":
-            out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + section}
-        else:
-            out.insert(0, {"role": "system", "content": section})
-    return out
+    try:
+        return render_conversation([m.model_dump(exclude_none=True) for m in messages], tools)
+    except ValueError as e:  # the message names the field, e.g. messages[2].tool_calls
+        field = str(e).split(":", 1)[0]
+        raise ApiError(400, str(e), field) from e
 
 
 def reply_message(text: str, tools: list[dict] | None, prefix: str = "") -> tuple[str | None, list[MessageToolCall] | None]:
