@@ -41,7 +41,8 @@ class ParsedReply:
 
 def tools_system_prompt(tools: list[dict]) -> str:
     """The system-prompt section that offers `tools` (OpenAI function specs: {"type": "function", "function": {...}})."""
-    specs = json.dumps([t.get("function", t) for t in tools], ensure_ascii=False, indent=1)
+    # One compact JSON object per line: as readable as indented JSON and ~1/3 fewer tokens for a small vocabulary.
+    specs = "\n".join(json.dumps(t.get("function", t), ensure_ascii=False) for t in tools)
     return ("# Tools\n\nYou may call one or more of these functions to answer the user:\n" + specs +
             f"\n\nTo call functions, write {CALL_START} followed by one Python-style call per line with keyword "
             f"arguments, e.g. {CALL_START}function_name(argument=\"value\"){CALL_END}. You may think first inside "
