@@ -138,3 +138,25 @@ $(DEFAULT_DRAFT)/model.safetensors: $(RUN)/draft/final/config.json
 	# FR-Spec indexes beside it (freq_{N}.pt, CPM.cu's format, + frspec.json): 200,000 corpus texts, ~30 s
 	$(MINICPM4) frspec-index --model $(DEFAULT_MODEL) --corpus $(DATA)/corpus --sizes 1024,2048,4096 \
 		--max-lines 200000 --out $(DEFAULT_DRAFT) --quiet
+
+# ---- the bundled tool model: `make tool-model` (model card: minicpm4/assets/tool-model/README.md) ----
+# tool-use trajectories through the live servers (minicpm4 mcp synth) -> SFT of the default model -> package +
+# MCP metrics before/after (minicpm4/apps/tool_model.py). fp32: this CPU has no native bf16. ~15 min of steps.
+TOOL_DATA := build/mcp-sft
+TOOL_RUN := runs/tool-sft
+TOOL_MODEL := minicpm4/assets/tool-model
+MCP_SERVER_FLAGS := --server $(MCP_SERVERS)/bin/mcp-server-time --server $(MCP_SERVERS)/bin/mcp-server-calculator
+.PHONY: tool-model
+tool-model: $(TOOL_MODEL)/eval.json
+
+$(TOOL_DATA)/stats.json: | $(MCP_SERVERS)/.installed $(DATA)/sft/stats.json
+	$(MINICPM4) mcp synth $(MCP_SERVER_FLAGS) --out $(TOOL_DATA) --train 3000 --val 100 --test 200 \
+		--mix-chat $(DATA)/sft/train.jsonl --seed 0
+
+$(TOOL_RUN)/final/config.json: $(TOOL_DATA)/stats.json
+	$(MINICPM4) train sft --init $(DEFAULT_MODEL) --data $(TOOL_DATA)/train.jsonl --val-data $(TOOL_DATA)/val.jsonl \
+		--out $(TOOL_RUN) --steps 350 --batch-size 8 --seq-len 1024 --lr 3e-3 --warmup 20 --decay 100 \
+		--eval-every 50 --save-every 25 --dtype float32 --no-progress $(call resume,$(TOOL_RUN))
+
+$(TOOL_MODEL)/eval.json: $(TOOL_RUN)/final/config.json
+	$(PY) -m minicpm4.apps.tool_model --run $(TOOL_RUN) --data $(TOOL_DATA) $(MCP_SERVER_FLAGS) --out $(TOOL_MODEL)
