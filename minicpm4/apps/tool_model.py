@@ -29,8 +29,7 @@ from minicpm4.apps.mcp_eval import evaluate
 from minicpm4.apps.mcp_host import ServerSpec, Toolbox
 from minicpm4.apps.tool_calls import format_call
 from minicpm4.checkpoint import load_model, save_model
-from minicpm4.io import write_text_atomic
-from minicpm4.train.default_model import TOKENIZER_FILES, evaluate_chat
+from minicpm4.train.default_model import TOKENIZER_FILES, evaluate_chat, publish
 
 EXAMPLES = ["What is the time now in Paris?", "How much is 128 times 46?",
             "When it's 08:15 in London, what's the time in Tokyo?", "Find the square root of 1764."]
@@ -137,10 +136,7 @@ def package(run: Path, data: Path, specs: list[ServerSpec], out: Path, chat_held
                "mcp": anyio.run(measure, pipes, specs, tasks)}
     if chat_heldout.is_file():
         results["definitions"] = {k: evaluate_chat(p, chat_heldout, "definition", 64) for k, p in pipes.items()}
-    write_text_atomic(tmp / "eval.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-    write_text_atomic(tmp / "README.md", model_card(results))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    publish(tmp, out, results, model_card(results))
     return results
 
 

@@ -159,11 +159,17 @@ def package(run: Path, data: Path, out: Path, generations: int = 64, note: str =
         "pretrained_only": evaluate_chat(pretrained, heldout, "definition", generations),
         "final": evaluate_chat(shipped, heldout, "definition", generations),
     }
+    publish(tmp, out, results, model_card(results, note))
+    return results
+
+
+def publish(tmp: Path, out: Path, results: dict, card: str) -> None:
+    """Finish a model folder built in `tmp` (eval.json + README.md) and move it to `out` in one rename, so a
+    failed packaging never leaves a half-written asset folder behind."""
     write_text_atomic(tmp / "eval.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
-    write_text_atomic(tmp / "README.md", model_card(results, note))
+    write_text_atomic(tmp / "README.md", card)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    return results
 
 
 def main() -> None:
