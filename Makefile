@@ -141,7 +141,7 @@ $(DEFAULT_DRAFT)/model.safetensors: $(RUN)/draft/final/config.json
 
 # ---- the bundled tool model: `make tool-model` (model card: minicpm4/assets/tool-model/README.md) ----
 # tool-use trajectories through the live servers (minicpm4 mcp synth) -> SFT of the default model -> package +
-# MCP metrics before/after (minicpm4/apps/tool_model.py). fp32: this CPU has no native bf16. ~15 min of steps.
+# MCP metrics before/after (minicpm4/apps/tool_model.py). fp32: this CPU has no native bf16. ~45 min of steps.
 TOOL_DATA := build/mcp-sft
 TOOL_RUN := runs/tool-sft
 TOOL_MODEL := minicpm4/assets/tool-model
@@ -150,12 +150,12 @@ MCP_SERVER_FLAGS := --server $(MCP_SERVERS)/bin/mcp-server-time --server $(MCP_S
 tool-model: $(TOOL_MODEL)/eval.json
 
 $(TOOL_DATA)/stats.json: | $(MCP_SERVERS)/.installed $(DATA)/sft/stats.json
-	$(MINICPM4) mcp synth $(MCP_SERVER_FLAGS) --out $(TOOL_DATA) --train 3000 --val 100 --test 200 \
-		--mix-chat $(DATA)/sft/train.jsonl --seed 0
+	$(MINICPM4) mcp synth $(MCP_SERVER_FLAGS) --out $(TOOL_DATA) --train 6000 --val 100 --test 200 --drills 20000 \
+		--mix-chat $(DATA)/sft/train.jsonl --mix-fraction 0.15 --seed 0
 
 $(TOOL_RUN)/final/config.json: $(TOOL_DATA)/stats.json
 	$(MINICPM4) train sft --init $(DEFAULT_MODEL) --data $(TOOL_DATA)/train.jsonl --val-data $(TOOL_DATA)/val.jsonl \
-		--out $(TOOL_RUN) --steps 350 --batch-size 8 --seq-len 1024 --lr 3e-3 --warmup 20 --decay 100 \
+		--out $(TOOL_RUN) --steps 800 --batch-size 8 --seq-len 1024 --lr 5e-3 --warmup 20 --decay 160 \
 		--eval-every 50 --save-every 25 --dtype float32 --no-progress $(call resume,$(TOOL_RUN))
 
 $(TOOL_MODEL)/eval.json: $(TOOL_RUN)/final/config.json

@@ -64,6 +64,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--train", type=int, default=3000, help="training trajectories")
     s.add_argument("--val", type=int, default=100, help="validation trajectories (train templates, unseen queries)")
     s.add_argument("--test", type=int, default=200, help="test tasks (held-out templates)")
+    s.add_argument("--drills", type=int, default=0,
+                   help="extra short call drills (query -> first call, no tools prompt) from more training tasks")
     s.add_argument("--mix-chat", default=None, metavar="FILE",
                    help="an SFT JSONL of ordinary chats to mix in (keeps the model's other skills)")
     s.add_argument("--mix-fraction", type=float, default=0.25, help="share of mixed-in chats in train.jsonl")
@@ -207,7 +209,7 @@ def cmd_synth(args: argparse.Namespace) -> None:
     import anyio
 
     from minicpm4.apps.mcp_host import Toolbox
-    from minicpm4.apps.mcp_synth import plain_chat, trajectory
+    from minicpm4.apps.mcp_synth import drill, plain_chat, trajectory
     from minicpm4.apps.mcp_tasks import generate_tasks
     from minicpm4.io import write_text_atomic
 
@@ -231,6 +233,10 @@ def cmd_synth(args: argparse.Namespace) -> None:
             test = generate_tasks("test", args.test, args.seed, available)
             fit = generate_tasks("train", args.train + args.val, args.seed, available,
                                  exclude_queries={t.query for t in test})
+            val_queries = {t.query for t in fit[args.train:]}
+            # drills may repeat a trajectory's query (the template space is finite), never a val/test one
+            drills = generate_tasks("train", args.drills, args.seed + 1, available,
+                                    exclude_queries=val_queries | {t.query for t in test})
             rows = {"train": [], "val": []}
             dropped = 0
             for i, task in enumerate(fit):
@@ -239,10 +245,12 @@ def cmd_synth(args: argparse.Namespace) -> None:
                     dropped += 1
                     continue
                 rows["val" if i >= args.train else "train"].append({"messages": messages, "kind": task.kind})
+            rows["train"] += [{"messages": drill(t), "kind": "drill"} for t in drills]
             return box.tools, test, rows, dropped
 
     tools, test, rows, dropped = anyio.run(main)
-    n_chat = round(len(rows["train"]) * args.mix_fraction / (1 - args.mix_fraction)) if chats else 0
+    n_tool = sum(r["kind"] != "drill" for r in rows["train"])
+    n_chat = round(n_tool * args.mix_fraction / (1 - args.mix_fraction)) if chats else 0
     for messages in rng.sample(chats, min(n_chat, len(chats))):
         rows["train"].append({"messages": plain_chat(messages, tools, rng), "kind": "chat"})
     rng.shuffle(rows["train"])

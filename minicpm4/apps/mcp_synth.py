@@ -79,6 +79,18 @@ async def trajectory(task: ToolTask, toolbox: Toolbox, rng: random.Random) -> li
     return render_conversation(messages, tools)
 
 
+def drill(task: ToolTask) -> list[dict]:
+    """A call drill: the query and its first gold call alone, no tools prompt (~40 tokens instead of ~700).
+
+    Measured on the 3 M-parameter default model: trained on full trajectories only, it learned the format and
+    which tool to pick, but copied no argument (per-token loss on the digits of an expression stayed ~4-6
+    nats, the values metric 0%): a value is ~5 of the ~1,000 tokens a trajectory costs. Packed drills give
+    ~25x more copy targets per step, so SFT learns to copy cities, clock times and numbers; the full
+    trajectories teach doing it under the tools prompt."""
+    first = task.calls[0]
+    return [{"role": "user", "content": task.query}, {"role": "assistant", "content": format_assistant(None, [first])}]
+
+
 def plain_chat(messages: list[dict], tools: list[dict], rng: random.Random) -> list[dict]:
     """A non-tool chat, half the time with tools offered (and, rightly, not called)."""
     offered = [t for t in tools if rng.random() < 0.5] if rng.random() < 0.5 else []
