@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "minicpm4.server.cli",  # serve (OpenAI-compatible server + chat page)
     "minicpm4.quant.cli",  # quantize (INT4 RTN / GPTQ / P-GPTQ / S-P-GPTQ, ternary)
     "minicpm4.apps.mcp_cli",  # mcp (MCP host: tool use over stdio servers) | mcp eval | mcp synth
+    "minicpm4.apps.survey.cli",  # survey (plan-retrieve-write) | survey eval | survey build-kb
 )
 
 
@@ -286,8 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if getattr(args, "raw_argv", False):
+        # A command that parses its own arguments (set_defaults(raw_argv=True)) gets all of them, in order.
+        args.argv = argv[argv.index(args.command) + 1:]
+    elif extra:
+        parser.error("unrecognized arguments: " + " ".join(extra))
     return run_command(args.func, args, f"minicpm4 {args.command}")
 
 

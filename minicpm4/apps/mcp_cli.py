@@ -25,20 +25,11 @@ TEST_TASKS = TOOL_MODEL_DIR.parent / "mcp-tasks" / "test.jsonl"
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    from minicpm4.cli import add_model_options
+    from minicpm4.apps.backend_cli import add_backend_options
 
     p.add_argument("--server", action="append", default=[], metavar="CMD",
                    help="an MCP server's command line, started over stdio (repeat for several servers)")
-    add_model_options(p)
-    g = p.add_argument_group("remote model (instead of --model)")
-    g.add_argument("--base-url", default=None, help="an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1")
-    g.add_argument("--remote-model", default=None, help="model name to request (default: the endpoint's first)")
-    g.add_argument("--api-key", default=None)
-    s = p.add_argument_group("sampling")
-    s.add_argument("--temperature", type=float, default=0.0)
-    s.add_argument("--top-p", type=float, default=1.0)
-    s.add_argument("--max-tokens", type=int, default=256, help="per model turn")
-    s.add_argument("--seed", type=int, default=None)
+    add_backend_options(p)
     p.add_argument("--server-logs", metavar="DIR", default=None, help="where the servers' stderr goes (default: a temp dir)")
 
 
@@ -84,27 +75,16 @@ def _specs(args: argparse.Namespace):
 
 
 def make_backend(args: argparse.Namespace):
-    from minicpm4.apps.chat_backend import EndpointBackend, LocalBackend
+    from minicpm4.apps.backend_cli import make_backend as backend_from_args
 
-    if args.base_url:
-        if args.model:
-            raise UserError("give --model or --base-url, not both")
-        return EndpointBackend(args.base_url, args.remote_model, args.api_key)
-    from minicpm4.cli import load_pipeline
-
-    if args.model is None and (TOOL_MODEL_DIR / "config.json").is_file():
-        print(f"note: no --model given: using the bundled tool model ({TOOL_MODEL_DIR}, the 3M-parameter default "
-              "model after tool-use SFT; see its README.md)", file=sys.stderr)
-        args.model = str(TOOL_MODEL_DIR)
-    return LocalBackend(load_pipeline(args))
+    return backend_from_args(args, TOOL_MODEL_DIR, " (the bundled tool model: the 3M-parameter default model after "
+                             "tool-use SFT; see its README.md)")
 
 
 def _sampling(args: argparse.Namespace):
-    from minicpm4.apps.chat_backend import Sampling
+    from minicpm4.apps.backend_cli import sampling_from_args
 
-    if args.max_tokens < 1:
-        raise UserError("--max-tokens: must be >= 1")
-    return Sampling(args.max_tokens, args.temperature, args.top_p, args.seed)
+    return sampling_from_args(args)
 
 
 def _show(step) -> None:
