@@ -236,6 +236,7 @@ class LLMEngine:
         if seq.first_token_time is None:
             seq.first_token_time = now
         if token in seq.stop_token_ids:
+            seq.stop_token_id = token
             self._finish(seq, "stop")
             return
         seq.token_ids.append(token)
@@ -275,7 +276,7 @@ class LLMEngine:
         out = RequestOutput(
             request_id=rid, prompt_token_ids=seq.prompt_token_ids, token_ids=list(seq.output_token_ids),
             new_token_ids=new_tokens, text=text, new_text=text[sent_chars:], finished=seq.is_finished,
-            finish_reason=seq.finish_reason, logprobs=list(seq.logprobs) if want_lp else None,
+            finish_reason=seq.finish_reason, stop_token_id=seq.stop_token_id, logprobs=list(seq.logprobs) if want_lp else None,
             new_logprobs=seq.logprobs[sent_lps:] if want_lp else None,
             prompt_logprobs=list(seq.prompt_logprobs) if prompt_lp_ready else None,
             metrics=RequestMetrics(seq.arrival_time, seq.first_token_time, seq.finished_time, seq.num_cached_tokens,

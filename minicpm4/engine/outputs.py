@@ -31,6 +31,7 @@ class RequestOutput:
     new_text: str
     finished: bool
     finish_reason: str | None  # "stop", "length", "abort" once finished
+    stop_token_id: int | None = None  # the stop token that ended it (excluded from token_ids), if one did
     logprobs: list[TokenLogprob] | None = None  # of token_ids, when requested
     new_logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None  # when requested; set once the prompt is done

@@ -31,6 +31,7 @@ class Sequence:
     num_cached_tokens: int = 0  # of those, taken from the prefix cache at admission
     block_table: list[int] = field(default_factory=list)  # page ids, in position order
     finish_reason: str | None = None  # "stop", "length" or "abort"
+    stop_token_id: int | None = None  # the stop token that finished it (not in token_ids), if one did
     logprobs: list[TokenLogprob] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprob | None] = field(default_factory=list)  # first prompt token: None
     first_token_time: float | None = None

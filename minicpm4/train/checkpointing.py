@@ -24,7 +24,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -106,8 +106,9 @@ def _quiet_single_process():
 
 
 def save_checkpoint(out_dir: str | Path, module: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState,
-                    info: DistInfo, keep_last: int = 3) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint folder."""
+                    info: DistInfo, keep_last: int = 3, write_extra: Callable[[Path], None] | None = None) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint folder. write_extra(folder): more files of this
+    rank's state (e.g. RL buffers), written into the folder before it is made visible, so they land with it."""
     final = step_dir(out_dir, state.step)
     partial = final.with_name(f".{final.name}.partial")
     if info.is_main:
@@ -118,6 +119,8 @@ def save_checkpoint(out_dir: str | Path, module: nn.Module, optimizer: torch.opt
     with _quiet_single_process():
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=partial)
     torch.save(_rng_state(), partial / f"rng_rank{info.rank:05d}.pt")
+    if write_extra is not None:
+        write_extra(partial)
     barrier(info)
     if info.is_main:
         (partial / STATE_FILE).write_text(json.dumps(state.__dict__, indent=1) + "\n", encoding="utf-8")
