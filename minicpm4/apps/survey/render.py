@@ -21,16 +21,20 @@ def _numbers(survey: Survey) -> dict[str, int]:
     return {pid: n for n, pid in enumerate(survey.cited(), 1)}
 
 
-def _blocks(survey: Survey) -> list[tuple[int, str, str]]:
-    """(heading level, heading, body) in reading order; level 0 = no heading (the abstract)."""
-    out: list[tuple[int, str, str]] = []
+def _blocks(survey: Survey) -> list[tuple[int, str, str, str]]:
+    """(heading level 1|2, its number "2" / "2.1", heading, body) after the abstract, in reading order."""
+    parts: list[tuple[int, str, str]] = []
     if survey.introduction:
-        out.append((1, "Introduction", survey.introduction))
+        parts.append((1, "Introduction", survey.introduction))
     for s in survey.sections:
-        out.append((1, s.heading, s.body))
-        out += [(2, sub.heading, sub.body) for sub in s.subsections]
+        parts.append((1, s.heading, s.body))
+        parts += [(2, sub.heading, sub.body) for sub in s.subsections]
     if survey.conclusion:
-        out.append((1, "Conclusion", survey.conclusion))
+        parts.append((1, "Conclusion", survey.conclusion))
+    out, section, sub = [], 0, 0
+    for level, heading, body in parts:
+        section, sub = (section + 1, 0) if level == 1 else (section, sub + 1)
+        out.append((level, str(section) if level == 1 else f"{section}.{sub}", heading, body))
     return out
 
 
@@ -58,14 +62,8 @@ def to_markdown(survey: Survey) -> str:
     lines = [f"# {_title(survey)}", ""]
     if survey.abstract:
         lines += [f"**Abstract.** {text(survey.abstract)}", ""]
-    counters = [0, 0]
-    for level, heading, body in _blocks(survey):
-        if level == 1:
-            counters = [counters[0] + 1, 0]
-            lines.append(f"## {counters[0]} {heading}")
-        else:
-            counters[1] += 1
-            lines.append(f"### {counters[0]}.{counters[1]} {heading}")
+    for level, number, heading, body in _blocks(survey):
+        lines.append(f"{'#' * (level + 1)} {number} {heading}")
         lines += ["", text(body), ""] if body else [""]
     if nums:
         lines += ["## References", ""]
@@ -90,7 +88,7 @@ def to_latex(survey: Survey, bib_name: str = "refs") -> str:
              f"\\title{{{latex_escape(_title(survey))}}}", r"\date{}", r"\begin{document}", r"\maketitle"]
     if survey.abstract:
         lines += [r"\begin{abstract}", text(survey.abstract), r"\end{abstract}"]
-    for level, heading, body in _blocks(survey):
+    for level, _, heading, body in _blocks(survey):
         lines.append(("\\section{" if level == 1 else "\\subsection{") + latex_escape(heading) + "}")
         if body:
             lines.append(text(body))
@@ -128,14 +126,8 @@ def to_html(survey: Survey) -> str:
     body = [f"<h1>{title}</h1>"]
     if survey.abstract:
         body += ['<section class="abstract"><h2>Abstract</h2>', text(survey.abstract), "</section>"]
-    counters = [0, 0]
-    for level, heading, content in _blocks(survey):
-        if level == 1:
-            counters = [counters[0] + 1, 0]
-            body.append(f"<h2>{counters[0]} {html.escape(heading)}</h2>")
-        else:
-            counters[1] += 1
-            body.append(f"<h3>{counters[0]}.{counters[1]} {html.escape(heading)}</h3>")
+    for level, number, heading, content in _blocks(survey):
+        body.append(f"<h{level + 1}>{number} {html.escape(heading)}</h{level + 1}>")
         body.append(text(content))
     if nums:
         body.append("<h2>References</h2><ol>")
