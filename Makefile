@@ -4,9 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test setup clean corpus corpus-packages browser-packages mcp-servers
+.PHONY: demo test setup clean corpus corpus-packages browser-packages rl-packages mcp-servers
 
-setup: $(STAMP) browser-packages mcp-servers
+setup: $(STAMP) browser-packages rl-packages mcp-servers
 
 # torch first and pinned: the CPU build lies on local disk; a bare `torch` would pull a CUDA build.
 $(STAMP): pyproject.toml
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/minicpm4 demo
 
-test: $(STAMP) browser-packages mcp-servers
+test: $(STAMP) browser-packages rl-packages mcp-servers
 	$(PY) -m pytest -q
 
 # The chat-page test drives the system's Chromium through chromedriver (tests/server/test_server_browser.py).
@@ -34,6 +34,20 @@ browser-packages:
 		$$sudo apt-get install -y --no-install-recommends $$missing \
 			|| { $$sudo apt-get update -q && $$sudo apt-get install -y --no-install-recommends $$missing; } \
 			|| echo "warning: could not install $$missing; the browser test will skip"; \
+	fi
+
+# RL code rewards run model-written code under bubblewrap (minicpm4/train/rl/sandbox.py). Installed when missing;
+# a failed install is only a warning: the sandbox tests then skip and code rewards refuse to run, saying why.
+RL_PACKAGES := bubblewrap
+rl-packages:
+	@missing=$$(for p in $(RL_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing (for the RL code sandbox):" $$missing; \
+		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$sudo apt-get install -y --no-install-recommends $$missing \
+			|| { $$sudo apt-get update -q && $$sudo apt-get install -y --no-install-recommends $$missing; } \
+			|| echo "warning: could not install $$missing; the sandbox tests will skip"; \
 	fi
 
 # Third-party MCP servers from PyPI for `minicpm4 mcp` and its tests (tests/apps/test_mcp_*.py), in their own

@@ -40,9 +40,13 @@ DRAFT_FLAGS = {
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="pretrain, long-context, SFT, ternary QAT and draft training (also under torchrun)")
+    p = sub.add_parser("train", help="pretrain, long-context, SFT, ternary QAT, draft training (also under torchrun) and RL")
     stages = p.add_subparsers(dest="stage", metavar="STAGE")
     stages.required = True
+
+    from minicpm4.train.rl.cli import register_stage as register_rl
+
+    register_rl(stages)  # train rl: chunk-wise rollout RL (minicpm4/train/rl/)
 
     s = stages.add_parser("export", help="write a checkpoint of a run (default: its latest) as a Hugging Face folder")
     s.add_argument("run", metavar="RUN_DIR", help="training run folder (holds checkpoints/)")
