@@ -200,3 +200,46 @@ def test_kill_and_resume_continues_bit_identically(tmp_path):
     for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
     assert resumed.buffers == whole.buffers
+
+
+WORKER = '''
+import sys, torch
+from pathlib import Path
+from minicpm4.train.distributed import cleanup, init_distributed
+from minicpm4.train.rl.trainer import RLTrainer
+from tests.train_rl.test_rl_loop import FirstTokenTask, config, tiny_model
+
+out = Path(sys.argv[1])
+info = init_distributed("cpu")
+trainer = RLTrainer(tiny_model(), FirstTokenTask(), config(steps=6, chunk_tokens=3, save_every=2), out / "run", info)
+records = trainer.train()
+torch.save({"state": trainer.model.state_dict(), "records": records}, out / f"rank{info.rank}.pt")
+cleanup(info)
+'''
+
+
+def test_torchrun_ranks_roll_out_apart_and_update_together(tmp_path):
+    """2 gloo processes: each rolls out its own prompts with its own seeds, both take the same updates (summed
+    gradients over the global token count), so the replicas stay identical; each rank checkpoints its buffers."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    (tmp_path / "worker.py").write_text(WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(tmp_path / "worker.py"), str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=400, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert any(r.get("updated") for r in r0["records"])
+    for name, a in r0["state"].items():
+        assert torch.equal(a, r1["state"][name]), name
+    assert [r["generated_tokens"] for r in r0["records"]] != [r["generated_tokens"] for r in r1["records"]]
+    ckpt = sorted((tmp_path / "run" / "checkpoints").glob("step_*"))[-1]
+    assert (ckpt / "rl_state_rank00000.json").is_file() and (ckpt / "rl_state_rank00001.json").is_file()
+    single = RLTrainer(tiny_model(), FirstTokenTask(), config(steps=6, chunk_tokens=3), tmp_path / "run")
+    with pytest.raises(ValueError, match="same world size"):
+        single.resume()

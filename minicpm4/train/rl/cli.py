@@ -4,6 +4,7 @@
     minicpm4 train rl --task code --chunk-len 64 --max-len 256 --out runs/rl-code
     minicpm4 train rl --task tasks.jsonl --reward mypkg.rewards:score --init MODEL_DIR --out runs/rl
     minicpm4 train rl ... --resume                                          # continue the latest checkpoint
+    torchrun --nproc_per_node 2 -m minicpm4.cli train rl ...               # ranks roll out different prompts
 
 Writes OUT/metrics.jsonl, OUT/metrics.png, OUT/checkpoints/, OUT/final (a model folder) and OUT/eval.json
 (held-out accuracy before and after, for the shipped task sets or --eval-tasks).
@@ -98,8 +99,11 @@ def cmd_rl(a: argparse.Namespace) -> None:
     from minicpm4.train.rl.tasks import load_tasks
     from minicpm4.train.rl.trainer import RLTrainer
 
+    from minicpm4.train.distributed import cleanup, init_distributed
+
     if a.threads:
         torch.set_num_threads(a.threads)
+    info = init_distributed("cpu")
     cfg = rl_config(a)
     train_file, test_file = task_files(a.task)
     test_file = Path(a.eval_tasks) if a.eval_tasks else test_file
@@ -113,16 +117,21 @@ def cmd_rl(a: argparse.Namespace) -> None:
     held_out = ChatTasks(load_tasks(test_file), tokenizer, reward) if test_file else None
 
     out = Path(a.out)
-    trainer = RLTrainer(model, env, cfg, out)
+    trainer = RLTrainer(model, env, cfg, out, info)
+    main_rank = info.is_main
     results: dict = {"task": a.task, "init": str(init), "config": cfg.to_dict()}
-    if a.resume and trainer.resume():
+    try:
+        resumed = a.resume and trainer.resume()
+    except ValueError as e:
+        raise UserError(str(e)) from e
+    if resumed:
         print(f"rl: resumed at step {trainer.counters.step} (policy version {trainer.counters.version})", file=sys.stderr)
         before_file = out / "eval_before.json"
         if before_file.is_file():
             results["before"] = json.loads(before_file.read_text())
     else:
         trainer.metrics.reset()
-        if held_out is not None:
+        if held_out is not None and main_rank:
             results["before"] = vars(evaluate(model, held_out, cfg.max_response_tokens, a.eval_limit))
             write_text_atomic(out / "eval_before.json", json.dumps(results["before"], indent=1))
             print(f"rl: held-out accuracy before {results['before']['accuracy']:.3f}", file=sys.stderr)
@@ -133,7 +142,12 @@ def cmd_rl(a: argparse.Namespace) -> None:
         print(f"step {r['step']}: {reward}, active {r['active']} (replay {r['replay']}), "
               f"rollout {r['rollout_s']:.1f}s{upd}", file=sys.stderr)
 
-    trainer.train(on_step=show)
+    try:
+        trainer.train(on_step=show if main_rank else None)
+    finally:
+        cleanup(info)
+    if not main_rank:
+        return
     final = save_model(model, out / "final")
     copy_tokenizer_files(init, final)
     if held_out is not None:

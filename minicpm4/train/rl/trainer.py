@@ -34,6 +34,7 @@ import torch
 
 from minicpm4.train.checkpointing import TrainState, latest_checkpoint, load_checkpoint, save_checkpoint
 from minicpm4.train.distributed import DistInfo
+from minicpm4.train.losses import all_reduce_sum
 from minicpm4.train.metrics import MetricsLog
 from minicpm4.train.mup import param_groups
 from minicpm4.train.rl.buffers import Buffers, Group, Trajectory, keeps_signal
@@ -42,8 +43,11 @@ from minicpm4.train.rl.objective import ClipConfig, GarbleFilter, LossStats, gro
 from minicpm4.train.rl.rollout import ChunkRollout, RolloutConfig
 from minicpm4.train.rl.scoring import response_logprobs, score_unscored
 
-RL_STATE = "rl_state.json"
 REF_WEIGHTS = "reference.pt"
+
+
+def rl_state_name(rank: int) -> str:
+    return f"rl_state_rank{rank:05d}.json"
 
 
 @dataclass
@@ -122,7 +126,7 @@ class RLTrainer:
         self.counters = Counters()
         max_prompt = max(len(env.prompt_ids(i)) for i in range(len(env)))
         self.rollout = ChunkRollout(model, RolloutConfig(cfg.chunk, cfg.max_response_tokens, cfg.temperature,
-                                                         cfg.top_p, cfg.seed), max_prompt)
+                                                         cfg.top_p, cfg.seed + 7_919 * self.info.rank), max_prompt)
         self.metrics = MetricsLog(self.out / "metrics.jsonl", enabled=log and self.info.is_main)
 
     def _frozen_copy(self):
@@ -131,12 +135,22 @@ class RLTrainer:
             p.requires_grad_(False)
         return ref.eval()
 
+    def _all_ranks_min(self, value: int) -> int:
+        if not self.info.distributed:
+            return value
+        import torch.distributed as dist
+
+        t = torch.tensor([value], dtype=torch.long)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t.item())
+
     # ---- prompts ----------------------------------------------------------------------------------------------
     def _next_tasks(self, count: int) -> list[int]:
         n = len(self.env)
         out = []
         for _ in range(count):
-            c = self.counters.prompt_cursor
+            # Ranks draw interleaved positions of one seeded order: different prompts, no coordination needed.
+            c = self.counters.prompt_cursor * self.info.world_size + self.info.rank
             out.append(_prompt_order(n, self.cfg.seed, c // n)[c % n])
             self.counters.prompt_cursor += 1
         return out
@@ -191,7 +205,8 @@ class RLTrainer:
                           accuracy=sum(r >= 1.0 for r in rewards) / len(rewards),
                           response_tokens=sum(len(t.response_ids) for t in all_done) / len(all_done),
                           truncated=sum(t.truncated for t in all_done) / len(all_done))
-        if len(self.buffers.ready) >= cfg.train_groups:
+        # Ranks update together: when every rank holds N ready groups (one process: when this one does).
+        if self._all_ranks_min(len(self.buffers.ready)) >= cfg.train_groups:
             record.update(self._update())
         self.counters.step += 1
         record["step_s"] = time.perf_counter() - t0
@@ -218,13 +233,15 @@ class RLTrainer:
         mini = (cfg.mini_batch_groups or cfg.train_groups) * cfg.group_size
         self.model.train()
         for _ in range(cfg.update_iters):
-            for start in range(0, len(train_rows), mini):
-                part = train_rows[start:start + mini]
-                total = sum(len(t.response_ids) for t, _ in part)
-                self.optimizer.zero_grad(set_to_none=True)
+            # Mini-batches are cut from the unfiltered rows, so every rank takes the same number of optimizer steps.
+            for start in range(0, len(rows), mini):
+                part = [r for r, k in zip(rows[start:start + mini], keep[start:start + mini]) if k]
+                total = int(all_reduce_sum([float(sum(len(t.response_ids) for t, _ in part))])[0])
+                self.optimizer.zero_grad(set_to_none=False)
                 for s in range(0, len(part), cfg.score_batch):
                     micro = part[s:s + cfg.score_batch]
-                    stats.append(self._loss_backward(micro, total))
+                    stats.append(self._loss_backward(micro, max(total, 1)))
+                self._sum_gradients()
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
                 self.optimizer.step()
         self.model.eval()
@@ -240,6 +257,18 @@ class RLTrainer:
                "clip_fraction": sum(s.clip_fraction * s.tokens for s in stats) / n,
                "ratio": sum(s.ratio_mean * s.tokens for s in stats) / n}
         return out
+
+    def _sum_gradients(self) -> None:
+        """Each rank's loss is already divided by the global token count: summing the gradients gives the
+        gradient of the global objective, the same on every rank, so the replicas stay identical."""
+        if not self.info.distributed:
+            return
+        import torch.distributed as dist
+
+        for p in self.model.parameters():
+            if p.grad is None:  # nothing trained on this rank this time: it still joins the sum
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
 
     def _loss_backward(self, micro: list[tuple[Trajectory, float]], total_tokens: int) -> LossStats:
         trajs = [t for t, _ in micro]
@@ -271,8 +300,9 @@ class RLTrainer:
                            extra={"counters": asdict(self.counters)})
 
         def write_extra(folder: Path) -> None:
-            (folder / RL_STATE).write_text(json.dumps(self.buffers.to_dict()), encoding="utf-8")
-            torch.save(self.reference.state_dict(), folder / REF_WEIGHTS)
+            (folder / rl_state_name(self.info.rank)).write_text(json.dumps(self.buffers.to_dict()), encoding="utf-8")
+            if self.info.is_main:  # the reference is the same on every rank
+                torch.save(self.reference.state_dict(), folder / REF_WEIGHTS)
 
         return save_checkpoint(self.out, self.model, self.optimizer, state, self.info, self.cfg.keep_last,
                                write_extra=write_extra)
@@ -283,8 +313,11 @@ class RLTrainer:
         if path is None:
             return False
         state = load_checkpoint(path, self.model, self.optimizer, self.info)
+        if state.world_size != self.info.world_size:
+            raise ValueError(f"{path}: written by {state.world_size} processes, resumed on {self.info.world_size}: "
+                             "each rank's replay buffer belongs to its rank; resume on the same world size")
         self.counters = Counters(**state.extra["counters"])
-        self.buffers = Buffers.from_dict(json.loads((path / RL_STATE).read_text(encoding="utf-8")))
+        self.buffers = Buffers.from_dict(json.loads((path / rl_state_name(self.info.rank)).read_text(encoding="utf-8")))
         self.reference.load_state_dict(torch.load(path / REF_WEIGHTS, weights_only=True))
         self.rollout.invalidate()
         self.metrics.truncate_after(self.counters.step)
