@@ -28,25 +28,9 @@ from common import RESULTS_DIR, command_line, machine_info, median, publish  # n
 
 from minicpm4.config import tiny  # noqa: E402
 from minicpm4.model import MiniCPMForCausalLM  # noqa: E402
+from minicpm4.train.rl.toy import FirstTokenTask  # noqa: E402
 from minicpm4.train.rl.trainer import RLConfig, RLTrainer  # noqa: E402
 
-
-
-class FirstTokenTask:
-    def __init__(self, vocab: int) -> None:
-        self.target = set(range(16, 16 + vocab // 8))  # 1/8 of the vocabulary
-
-    def __len__(self):
-        return 8
-
-    def prompt_ids(self, i):
-        return [1, 10 + i, 20 + i % 3]
-
-    def decode(self, ids):
-        return " ".join(map(str, ids))
-
-    def rewards(self, trajectories):
-        return [1.0 if t.response_ids and t.response_ids[0] in self.target else 0.0 for t in trajectories]
 
 
 def run(chunk: int | None, seed: int, args) -> dict:
@@ -56,7 +40,7 @@ def run(chunk: int | None, seed: int, args) -> dict:
     cfg = RLConfig(steps=args.steps, prompts_per_step=8, group_size=8, train_groups=4, max_response_tokens=args.max_len,
                    chunk_tokens=chunk, lr=args.lr, seed=seed, save_every=10**9)
     with tempfile.TemporaryDirectory() as out:
-        trainer = RLTrainer(model, FirstTokenTask(args.vocab), cfg, out, log=False)
+        trainer = RLTrainer(model, FirstTokenTask(set(range(16, 16 + args.vocab // 8))), cfg, out, log=False)
         t0 = time.perf_counter()
         records = trainer.train()
         wall = time.perf_counter() - t0

@@ -15,26 +15,8 @@ from minicpm4.train.rl.buffers import Buffers, Trajectory, keeps_signal
 from minicpm4.train.rl.objective import ClipConfig, GarbleFilter, clipped_surrogate, group_advantages, k3_kl, policy_loss
 from minicpm4.train.rl.rollout import ChunkRollout, RolloutConfig
 from minicpm4.train.rl.scoring import response_logprobs
+from minicpm4.train.rl.toy import FirstTokenTask
 from minicpm4.train.rl.trainer import RLConfig, RLTrainer
-
-TARGET = (5, 6, 7, 8)  # the toy task: the first response token should be one of these (about 1/8 at init)
-
-
-class FirstTokenTask:
-    """8 prompts of raw token ids; reward 1 when the response starts with a TARGET token."""
-
-    def __len__(self):
-        return 8
-
-    def prompt_ids(self, i):
-        return [1, 10 + i, 20 + i % 3]
-
-    def decode(self, ids):
-        return " ".join(map(str, ids))
-
-    def rewards(self, trajectories):
-        return [1.0 if t.response_ids and t.response_ids[0] in TARGET else 0.0 for t in trajectories]
-
 
 def tiny_model(seed: int = 0) -> MiniCPMForCausalLM:
     model = MiniCPMForCausalLM(tiny(vocab_size=32, max_position_embeddings=64))
@@ -207,7 +189,8 @@ import sys, torch
 from pathlib import Path
 from minicpm4.train.distributed import cleanup, init_distributed
 from minicpm4.train.rl.trainer import RLTrainer
-from tests.train_rl.test_rl_loop import FirstTokenTask, config, tiny_model
+from minicpm4.train.rl.toy import FirstTokenTask
+from tests.train_rl.test_rl_loop import config, tiny_model
 
 out = Path(sys.argv[1])
 info = init_distributed("cpu")

@@ -11,16 +11,7 @@ import pytest
 from minicpm4.errors import UserError
 from minicpm4.train.rl.rewards import (batch_rewards, code_reward, extract_answer, extract_code, load_reward,
                                        math_reward, reward_for_kind, run_code_tests)
-from minicpm4.train.rl.sandbox import SandboxUnavailable, check_sandbox
 from minicpm4.train.rl.tasks import RLTask
-
-
-@pytest.fixture(scope="module")
-def bwrap():
-    try:
-        check_sandbox()
-    except SandboxUnavailable as e:
-        pytest.skip(str(e))
 
 
 def math_task(answer: str) -> RLTask:

@@ -16,14 +16,6 @@ from minicpm4.train.rl import sandbox
 from minicpm4.train.rl.sandbox import SandboxUnavailable, check_sandbox, run_python
 
 
-@pytest.fixture(scope="module")
-def bwrap():
-    try:
-        check_sandbox()
-    except SandboxUnavailable as e:
-        pytest.skip(str(e))
-
-
 def run(code: str, **kw):
     return run_python(textwrap.dedent(code), **kw)
 

@@ -15,7 +15,6 @@ import pytest
 from minicpm4.errors import UserError
 from minicpm4.train.rl import make_tasks
 from minicpm4.train.rl.rewards import run_code_tests
-from minicpm4.train.rl.sandbox import SandboxUnavailable, check_sandbox
 from minicpm4.train.rl.tasks import (CODE_FAMILIES, MATH_INSTRUCTION, RLTask, generate_code_tasks,
                                      generate_math_tasks, load_tasks, write_tasks)
 
@@ -148,14 +147,6 @@ def test_math_difficulty_is_long_tailed(shipped):
     assert steps[1] > steps[2] > steps[3] > steps[4] >= 0.04 * len(shipped["math-train"])
     lengths = [len(t.prompt) for t in shipped["math-train"]]
     assert max(lengths) > 2 * min(lengths)
-
-
-@pytest.fixture(scope="module")
-def bwrap():
-    try:
-        check_sandbox()
-    except SandboxUnavailable as e:
-        pytest.skip(str(e))
 
 
 def test_code_reference_solutions_pass_their_tests_and_the_prompt_example(bwrap, shipped):
