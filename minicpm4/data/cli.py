@@ -126,6 +126,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     steps = data.add_subparsers(dest="data_command", metavar="STEP")
     steps.required = True
 
+    from minicpm4.data.ultraclean.cli import register_step as register_ultraclean
+
+    register_ultraclean(steps)  # data ultraclean train | score | filter
+
     p = steps.add_parser("build-corpus", help="clean, deduplicate and split the Debian text packages")
     p.add_argument("--out", type=Path, default=DATA / "corpus", help="output folder (default: %(default)s)")
     p.add_argument("--sources", default=None, help="comma-separated subset (default: all)")
