@@ -18,6 +18,7 @@ import random
 import sys
 from pathlib import Path
 
+from minicpm4.apps.backend_cli import sampling_from_args
 from minicpm4.errors import UserError
 
 TOOL_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "tool-model"
@@ -81,12 +82,6 @@ def make_backend(args: argparse.Namespace):
                              "tool-use SFT; see its README.md)")
 
 
-def _sampling(args: argparse.Namespace):
-    from minicpm4.apps.backend_cli import sampling_from_args
-
-    return sampling_from_args(args)
-
-
 def _show(step) -> None:
     from minicpm4.apps.tool_calls import format_call
 
@@ -107,7 +102,7 @@ def cmd_mcp(args: argparse.Namespace) -> None:
 
     if args.max_steps < 1:
         raise UserError("--max-steps: must be >= 1")
-    specs, sampling = _specs(args), _sampling(args)
+    specs, sampling = _specs(args), sampling_from_args(args)
     backend = make_backend(args)
     query = args.query if args.query is not None else (None if sys.stdin.isatty() else sys.stdin.read().strip())
 
@@ -162,7 +157,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from minicpm4.apps.mcp_host import Toolbox
     from minicpm4.io import write_text_atomic
 
-    specs, sampling = _specs(args), _sampling(args)
+    specs, sampling = _specs(args), sampling_from_args(args)
     tasks = load_tasks(args.tasks or TEST_TASKS)[: args.limit]
     backend = make_backend(args)
 

@@ -103,14 +103,32 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def plot_loss(metrics_path: str | Path, png_path: str | Path, title: str = "") -> Path | None:
-    """Loss curve (train loss per step, validation loss where evaluated) as a PNG; None without matplotlib."""
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed), or None when matplotlib is not installed."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def save_png(fig, png_path: str | Path) -> Path:
+    """Write the figure atomically and release it."""
+    plt = pyplot()
+    png_path = Path(png_path)
+    with atomic_path(png_path) as tmp:  # the temp name ends in .png: savefig takes the format from it
+        fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return png_path
+
+
+def plot_loss(metrics_path: str | Path, png_path: str | Path, title: str = "") -> Path | None:
+    """Loss curve (train loss per step, validation loss where evaluated) as a PNG; None without matplotlib."""
+    plt = pyplot()
+    if plt is None:
         return None
     records = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
@@ -127,11 +145,7 @@ def plot_loss(metrics_path: str | Path, png_path: str | Path, title: str = "") -
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    png_path = Path(png_path)
-    with atomic_path(png_path) as tmp:  # the temp name ends in .png: savefig takes the format from it
-        fig.savefig(tmp, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return png_path
+    return save_png(fig, png_path)
 
 
 class Progress:

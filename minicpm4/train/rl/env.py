@@ -29,7 +29,9 @@ class ChatTasks:
 
         self.tasks, self.tokenizer, self.max_workers, self.system = tasks, tokenizer, max_workers, system
         self.reward_fn = reward_fn
-        self._fns = {} if reward_fn is not None else {k: reward_for_kind(k) for k in {t.kind for t in tasks}}
+        if reward_fn is None:  # a kind without a built-in reward fails here, not at the first finished group
+            for kind in {t.kind for t in tasks}:
+                reward_for_kind(kind)
         self._prompts: dict[int, list[int]] = {}
 
     def __len__(self) -> int:
@@ -46,13 +48,8 @@ class ChatTasks:
         return self.tokenizer.decode(response_ids, skip_special_tokens=True)
 
     def rewards(self, trajectories: Sequence[Trajectory]) -> list[float]:
-        from concurrent.futures import ThreadPoolExecutor
+        from minicpm4.train.rl.rewards import batch_rewards
 
-        def one(t: Trajectory) -> float:
-            task = self.tasks[t.task_index]
-            fn = self.reward_fn or self._fns[task.kind]
-            return float(fn(task, t.text if t.text is not None else self.decode(t.response_ids)))
-
-        # Code rewards wait on sandboxed subprocesses: threads overlap them.
-        with ThreadPoolExecutor(max_workers=max(1, self.max_workers)) as pool:
-            return list(pool.map(one, trajectories))
+        return batch_rewards([self.tasks[t.task_index] for t in trajectories],
+                             [t.text if t.text is not None else self.decode(t.response_ids) for t in trajectories],
+                             self.reward_fn, self.max_workers)

@@ -5,21 +5,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from minicpm4.train.metrics import read_metrics
+from minicpm4.train.metrics import pyplot, read_metrics, save_png
 
 PANELS = (("reward", "accuracy"), ("response_tokens",), ("clip_fraction", "kl"), ("rollout_s", "update_s"))
 
 
 def plot_run(metrics_path: str | Path, png_path: str | Path, title: str = "") -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
+    plt = pyplot()
     records = read_metrics(metrics_path)
-    if not records:
+    if plt is None or not records:
         return None
     fig, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 3.2))
     for ax, keys in zip(axes, PANELS):
@@ -32,6 +26,4 @@ def plot_run(metrics_path: str | Path, png_path: str | Path, title: str = "") ->
             ax.legend(fontsize=8)
     fig.suptitle(title or str(metrics_path))
     fig.tight_layout()
-    fig.savefig(png_path, dpi=110)
-    plt.close(fig)
-    return Path(png_path)
+    return save_png(fig, png_path)

@@ -28,6 +28,7 @@ import json
 import random
 import time
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -105,13 +106,13 @@ class Counters:
     version: int = 0  # updates done (the policy version)
     next_uid: int = 0  # trajectories and groups share this counter
     prompt_cursor: int = 0  # position in the prompt order
-    ref_version: int = 0
 
 
-def _prompt_order(n: int, seed: int, epoch: int) -> list[int]:
+@lru_cache(maxsize=2)  # drawn once per prompt: shuffle each epoch's order once, not per draw
+def _prompt_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
     order = list(range(n))
     random.Random(seed * 7_654_321 + epoch).shuffle(order)
-    return order
+    return tuple(order)
 
 
 class RLTrainer:
@@ -249,7 +250,6 @@ class RLTrainer:
         self.rollout.invalidate()
         if cfg.ref_refresh and self.counters.version % cfg.ref_refresh == 0:
             self.reference = self._frozen_copy()
-            self.counters.ref_version = self.counters.version
         n = max(sum(s.tokens for s in stats), 1)
         out = {"updated": True, "trained_responses": len(train_rows), "filtered_responses": len(rows) - len(train_rows),
                "scored_tokens": scored, "score_s": score_s, "update_s": time.perf_counter() - t1,
