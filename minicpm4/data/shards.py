@@ -87,20 +87,45 @@ def _batches(docs: Iterator[Document], size: int) -> Iterator[list[Document]]:
         yield batch
 
 
+class DocumentEncoder:
+    """Documents -> one flat id array, each stored as [BOS] + tokens + [EOS], encoded in parallel batches by the
+    tokenizer's Rust backend exactly as Tokenizer.encode would (checked on the first document)."""
+
+    def __init__(self, tokenizer_dir: str | Path) -> None:
+        from tokenizers import Tokenizer as Backend
+
+        tok = Tokenizer.from_pretrained(tokenizer_dir)  # validates the folder and gives the ids the model uses
+        self.tokenizer = tok
+        self.backend = Backend.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
+        self.backend.encode_special_tokens = True
+        self.bos, self.eos = tok.bos_token_id, tok.token_to_id(DOC_EOS)
+        if self.bos is None or self.eos is None:
+            raise ValueError(f"{tokenizer_dir}: needs a bos_token and a {DOC_EOS!r} token")
+        self.dtype = np.dtype(np.uint16 if tok.vocab_size <= 2**16 else np.uint32)
+        self._checked = False
+
+    def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids of all documents back to back, each document's length in ids including BOS and EOS)."""
+        encodings = self.backend.encode_batch(texts, add_special_tokens=False)
+        if encodings and not self._checked:
+            want = self.tokenizer.encode(texts[0], add_bos=False, allow_special=False)
+            assert encodings[0].ids == want, "batch encoding differs from Tokenizer.encode: the shards would be wrong"
+            self._checked = True
+        lengths = np.array([len(e.ids) + 2 for e in encodings], dtype=np.int64)
+        ids = np.empty(int(lengths.sum()), dtype=self.dtype)
+        pos = 0
+        for enc, n in zip(encodings, lengths):
+            ids[pos], ids[pos + 1 : pos + n - 1], ids[pos + n - 1] = self.bos, enc.ids, self.eos
+            pos += n
+        return ids, lengths
+
+
 def write_shards(corpus_dir: str | Path, tokenizer_dir: str | Path, out_dir: str | Path, batch_size: int = 1024,
                  show_progress: bool = True) -> dict:
     """Tokenize corpus_dir/{train,val}.jsonl into out_dir/{train,val}.bin + meta.json; return the meta."""
-    from tokenizers import Tokenizer as Backend
-
     start = time.perf_counter()
-    tok = Tokenizer.from_pretrained(tokenizer_dir)  # validates the folder and gives the ids the model uses
-    # The raw backend for encode_batch (parallel, in Rust); it must encode exactly as Tokenizer.encode does.
-    backend = Backend.from_file(str(Path(tokenizer_dir) / "tokenizer.json"))
-    backend.encode_special_tokens = True
-    bos, eos = tok.bos_token_id, tok.token_to_id(DOC_EOS)
-    if bos is None or eos is None:
-        raise ValueError(f"{tokenizer_dir}: needs a bos_token and a {DOC_EOS!r} token")
-    dtype = np.dtype(np.uint16 if tok.vocab_size <= 2**16 else np.uint32)
+    encoder = DocumentEncoder(tokenizer_dir)
+    tok, bos, eos, dtype = encoder.tokenizer, encoder.bos, encoder.eos, encoder.dtype
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     num_tokens, num_docs, sources = {}, {}, {}
@@ -111,16 +136,8 @@ def write_shards(corpus_dir: str | Path, tokenizer_dir: str | Path, out_dir: str
             with temps[split].open("wb") as f, progress(total=total, desc=f"shards {split}", unit="doc",
                                                         disable=not show_progress) as bar:
                 for batch in _batches(iter_corpus(corpus_dir, split), batch_size):
-                    encodings = backend.encode_batch([d.text for d in batch], add_special_tokens=False)
-                    if n_doc == 0:
-                        got, want = encodings[0].ids, tok.encode(batch[0].text, add_bos=False, allow_special=False)
-                        assert got == want, "batch encoding differs from Tokenizer.encode: the shards would be wrong"
-                    lengths = np.array([len(e.ids) + 2 for e in encodings])
-                    ids = np.empty(int(lengths.sum()), dtype=dtype)
-                    pos = 0
-                    for doc, enc, n in zip(batch, encodings, lengths):
-                        ids[pos], ids[pos + 1 : pos + n - 1], ids[pos + n - 1] = bos, enc.ids, eos
-                        pos += n
+                    ids, lengths = encoder.encode([d.text for d in batch])
+                    for doc, n in zip(batch, lengths):
                         counts = sources.setdefault(doc.source, {"documents": dict.fromkeys(SPLITS, 0),
                                                                  "tokens": dict.fromkeys(SPLITS, 0)})
                         counts["documents"][split] += 1

@@ -142,3 +142,57 @@ class SyntheticTokens(TokenWindows):
         tokens[::doc_len] = 1
         tokens[doc_len - 1::doc_len] = 2
         super().__init__(tokens, seq_len, bos_token_id=1)
+
+
+class MixtureWindows:
+    """Windows of several token streams mixed at fixed fractions: the annealing mixes of UltraClean verification
+    (30% candidate + 70% default mix, MINICPM4.md §8.1).
+
+    Item k of the mixture is a window of stream j for k in stream j's block of round(fraction_j * length) items;
+    within a block, stream j's windows follow a seeded permutation, cycled when the block is longer than the
+    stream (a small candidate set is repeated rather than under-weighted). The trainer's sampler then shuffles the
+    items, so any span of samples holds each stream at its fraction up to sampling noise (`fraction_of` counts it).
+    """
+
+    def __init__(self, streams: Sequence[TokenWindows], fractions: Sequence[float], length: int | None = None,
+                 seed: int = 0) -> None:
+        if len(streams) != len(fractions) or not streams:
+            raise ValueError("give one fraction per stream")
+        if any(f < 0 for f in fractions) or abs(sum(fractions) - 1.0) > 1e-6:
+            raise ValueError(f"fractions must be >= 0 and sum to 1, got {list(fractions)}")
+        seq_lens = {s.seq_len for s in streams}
+        if len(seq_lens) != 1:
+            raise ValueError(f"every stream must be packed at one seq_len, got {sorted(seq_lens)}")
+        for j, (s, f) in enumerate(zip(streams, fractions)):
+            if f > 0 and len(s) == 0:
+                raise ValueError(f"stream {j} has no complete window of {s.seq_len + 1} tokens")
+        self.seq_len = seq_lens.pop()
+        self.streams, self.fractions = list(streams), list(fractions)
+        # default length: every window of the largest-fraction stream once per epoch
+        main = max(range(len(streams)), key=lambda j: fractions[j])
+        self.length = length or max(1, round(len(streams[main]) / fractions[main]))
+        counts = [round(f * self.length) for f in fractions]
+        counts[main] += self.length - sum(counts)
+        self.block_starts = np.cumsum([0] + counts)
+        self._perms = [np.random.default_rng([seed, j]).permutation(len(s)) if len(s) else np.zeros(0, np.int64)
+                       for j, s in enumerate(streams)]
+
+    def __len__(self) -> int:
+        return self.length
+
+    def locate(self, item: int) -> tuple[int, int]:
+        """Item -> (stream, window index in that stream)."""
+        j = int(np.searchsorted(self.block_starts, item, side="right") - 1)
+        k = item - int(self.block_starts[j])
+        perm = self._perms[j]
+        return j, int(perm[k % len(perm)])
+
+    def batch(self, indices: Sequence[int]) -> Batch:
+        parts = [self.locate(i) for i in indices]
+        rows = [self.streams[j].batch([w]) for j, w in parts]
+        seg = None if any(r.segment_ids is None for r in rows) else torch.cat([r.segment_ids for r in rows])
+        return Batch(torch.cat([r.input_ids for r in rows]), torch.cat([r.labels for r in rows]), seg)
+
+    def fraction_of(self, stream: int, items: Sequence[int]) -> float:
+        """The share of `items` (e.g. the samples a run consumed) that come from `stream`."""
+        return sum(self.locate(i)[0] == stream for i in items) / max(len(items), 1)
