@@ -26,7 +26,7 @@ def register_step(steps: argparse._SubParsersAction) -> None:
     d = FastTextConfig()
     p = steps.add_parser("ultraclean", help="UltraClean fastText quality classifier: train | score | filter",
                          description=__doc__.split("\n\n")[0])
-    inner = p.add_subparsers(dest="ultraclean_command", metavar="{train,score,filter}")
+    inner = p.add_subparsers(dest="ultraclean_command", metavar="{train,score,filter,pipeline}")
     inner.required = True
     t = inner.add_parser("train", help="train on positives vs balanced random negatives from the raw pool")
     t.add_argument("--positives", required=True, metavar="JSONL")
@@ -46,6 +46,10 @@ def register_step(steps: argparse._SubParsersAction) -> None:
         s.set_defaults(func=cmd_score if name == "score" else cmd_filter)
     for sp in (t, *[inner.choices[n] for n in ("score", "filter")]):
         sp.add_argument("--tokenizer", default=None, metavar="DIR", help="default: the bundled default model's")
+
+    from minicpm4.data.ultraclean.pipeline_cli import register_pipeline
+
+    register_pipeline(inner)  # data ultraclean pipeline: the same classifier as a datatrove pipeline
 
 
 def read_documents(path: str | Path) -> list[dict]:
