@@ -130,6 +130,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     register_ultraclean(steps)  # data ultraclean train | score | filter
 
+    from minicpm4.data.synth.cli import register_step as register_synth
+
+    register_synth(steps)  # data synth --track ... (UltraChat v2 tracks) | data synth review-apply
+
+    from minicpm4.data.pool import register_step as register_pool
+
+    register_pool(steps)  # data pool: the raw mixed-quality pool from Debian files
+
     p = steps.add_parser("build-corpus", help="clean, deduplicate and split the Debian text packages")
     p.add_argument("--out", type=Path, default=DATA / "corpus", help="output folder (default: %(default)s)")
     p.add_argument("--sources", default=None, help="comma-separated subset (default: all)")

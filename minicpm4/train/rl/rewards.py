@@ -137,6 +137,12 @@ def _math_equal(gold: str, answer: str) -> bool:
         return False
 
 
+def math_equal(gold: str, answer: str) -> bool:
+    """Whether `answer` equals `gold` by math-verify (rule matching + SymPy), under the same time and size guards
+    as math_reward; a parser failure counts as "not equal"."""
+    return _math_equal(gold, answer)
+
+
 def math_reward(task: RLTask, response: str) -> float:
     """1.0 when the response's final answer equals task.answer, 0.0 when it differs or there is none."""
     if task.answer is None:
