@@ -130,3 +130,63 @@ def test_bad_inputs(stable, tmp_path):
         v.compare("tiny", np.arange(10))
     with pytest.raises(UserError, match="name"):
         v.compare("default", noise(1000, 0))
+
+
+class WordTokenizer:
+    """'w17 w24 ...' <-> [17, 24, ...]: lets the fastText classifier and the tiny model read the same ids."""
+
+    def encode(self, text: str, add_bos: bool = False, allow_special: bool = False) -> list[int]:
+        return [int(w[1:]) for w in text.split() if w[1:].isdigit()]
+
+
+def as_text(ids: np.ndarray) -> str:
+    return " ".join(f"w{i}" for i in ids)
+
+
+def encode_docs(texts: list[str]) -> np.ndarray:
+    tok = WordTokenizer()
+    return np.concatenate([np.array([1] + tok.encode(t) + [2], dtype=np.int64) for t in texts])
+
+
+def test_loop_verifies_seeds_trains_filters_and_iterates(stable, tmp_path):
+    pytest.importorskip("fasttext", reason="the loop trains the fastText classifier")
+    from minicpm4.data.ultraclean.classifier import FastTextConfig
+    from minicpm4.data.ultraclean.loop import LoopConfig, run_loop
+
+    # fastText needs a few hundred examples to move off 0.5 (it makes one update per line)
+    dense = [as_text(pattern(41, s)[1:]) for s in range(400)]
+    sparse = [as_text(noise(41, 1000 + s)[1:]) for s in range(400)]
+    pool = [d for pair in zip(dense[200:], sparse[200:]) for d in pair]  # half dense, half noise
+    cfg = AnnealConfig(steps=10, seeds=(0, 1), eval_tokens=4096)
+    verifier = Verifier(stable, noise(40_000, 0), EvalSets({"knowledge": pattern(4096, 99)}), cfg, tmp_path, 1)
+    lines: list[str] = []
+    report = run_loop(verifier, encode_docs, {"dense": dense[:200], "noise": sparse[:200]}, pool, WordTokenizer(),
+                      LoopConfig(rounds=2, fasttext=FastTextConfig(min_count=1, epoch=25, threads=1)), tmp_path,
+                      log=lines.append)
+    by_name = {c.name: c for c in report.seeds}
+    assert by_name["dense"].verified and not by_name["noise"].verified
+    assert report.unfiltered is not None
+    first = report.rounds[0]
+    assert (first.positives, first.negatives) == (200, 200)  # only the verified seed set, balanced negatives
+    assert first.kept == pytest.approx(200, abs=10)  # the dense half of the pool
+    gain = lambda c: c.metrics["loss/knowledge"].gain  # noqa: E731
+    assert first.stable and gain(first.comparison) > gain(report.unfiltered)  # filtered beats unfiltered
+    second = report.rounds[1]
+    assert second.positives == 200 + first.kept  # labelled by the round-1 classifier
+    assert second.agreement is not None and second.agreement > 0.8
+    assert report.chosen_round in (1, 2) and Path(second.classifier).is_file()
+    assert any("round 2" in line for line in lines)
+    assert json.loads(json.dumps(report.to_dict()))["rounds"][0]["comparison"]["verified"]
+
+
+def test_no_verified_seed_stops_the_loop(stable, tmp_path):
+    pytest.importorskip("fasttext")
+    from minicpm4.data.ultraclean.classifier import FastTextConfig
+    from minicpm4.data.ultraclean.loop import LoopConfig, run_loop
+
+    cfg = AnnealConfig(steps=3, seeds=(0, 1), eval_tokens=2048)
+    verifier = Verifier(stable, noise(40_000, 0), EvalSets({"knowledge": pattern(2048, 99)}), cfg, tmp_path, 1)
+    sparse = [as_text(noise(120, 1000 + s)[1:]) for s in range(10)]
+    report = run_loop(verifier, encode_docs, {"noise": sparse}, sparse, WordTokenizer(), LoopConfig(), tmp_path,
+                      log=lambda s: None)
+    assert not report.seeds[0].verified and report.rounds == [] and report.chosen_round is None

@@ -18,6 +18,7 @@ verification resumes, and the default arm is run once per seed for every candida
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import shutil
@@ -48,6 +49,7 @@ class AnnealConfig:
     eval_tokens: int = 65_536  # per held-out loss set
     answer_rows: int = 200  # held-out QA rows for the answer NLL
     significance: float = 2.0  # a gain counts when it exceeds this many standard errors (and there are >= 2 seeds)
+    min_gain: float = 0.01  # ... and this much (nats): paired seeds can make a negligible gain "significant"
     keep_checkpoints: bool = False
 
     def __post_init__(self) -> None:
@@ -128,14 +130,23 @@ def evaluate_model(model, evals: EvalSets, seq_len: int, cfg: AnnealConfig) -> d
     return out
 
 
+@functools.cache
+def _peak_flops(dtype: torch.dtype | None) -> float:
+    """Measured once per process: every arm would otherwise spend a second re-measuring it for its MFU log."""
+    from minicpm4.train.metrics import measure_peak_flops
+
+    return measure_peak_flops(dtype or torch.float32)
+
+
 def anneal_train_config(stable: StableCheckpoint, cfg: AnnealConfig, seed: int, out_dir: Path):
     from minicpm4.train.trainer import TrainConfig
 
     saved = TrainConfig.from_dict(stable.state.train_config)
+    peak = saved.peak_flops or _peak_flops(saved.autocast_dtype(torch.device(saved.device or "cpu")))
     return dataclasses.replace(
         saved, stage="anneal", out_dir=str(out_dir), steps=stable.state.step + cfg.steps, decay_steps=cfg.steps,
         decay_shape=cfg.decay_shape, min_lr_ratio=cfg.min_lr_ratio, seed=seed, eval_every=0, save_every=0,
-        keep_last=1, progress=False, compile=False)
+        keep_last=1, progress=False, compile=False, peak_flops=peak)
 
 
 def consumed_items(stable: StableCheckpoint, data: PackedDataset, tcfg, seed: int) -> list[int]:
@@ -203,14 +214,15 @@ class Comparison:
         return {**dataclasses.asdict(self), "verified": self.verified}
 
 
-def metric_gain(default: Sequence[float], candidate: Sequence[float], significance: float) -> MetricGain:
+def metric_gain(default: Sequence[float], candidate: Sequence[float], significance: float,
+                min_gain: float = 0.0) -> MetricGain:
     diffs = [d - c for d, c in zip(default, candidate)]
     mean = sum(diffs) / len(diffs)
     if len(diffs) < 2:
         return MetricGain(list(default), list(candidate), mean, math.nan, False)
     sd = math.sqrt(sum((x - mean) ** 2 for x in diffs) / (len(diffs) - 1))
     stderr = sd / math.sqrt(len(diffs))
-    return MetricGain(list(default), list(candidate), mean, stderr, mean > significance * stderr)
+    return MetricGain(list(default), list(candidate), mean, stderr, mean > max(significance * stderr, min_gain))
 
 
 class Verifier:
@@ -246,7 +258,7 @@ class Verifier:
             arms.append(run_arm(self.stable, mix, self.evals, self.cfg, seed, self._arm_dir(name, seed), share))
             shares.append(share)
         gains = {m: metric_gain([d["metrics"][m] for d in defaults], [a["metrics"][m] for a in arms],
-                                self.cfg.significance) for m in self.evals.metric_names}
+                                self.cfg.significance, self.cfg.min_gain) for m in self.evals.metric_names}
         tokens = {a["tokens"] for a in arms} | {d["tokens"] for d in defaults}
         assert len(tokens) == 1, f"arms saw different token counts: {tokens}"
         return Comparison(name, gains, self.evals.primary, tokens.pop(), sum(shares) / len(shares), documents,
