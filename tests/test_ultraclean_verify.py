@@ -190,3 +190,59 @@ def test_no_verified_seed_stops_the_loop(stable, tmp_path):
     report = run_loop(verifier, encode_docs, {"noise": sparse}, sparse, WordTokenizer(), LoopConfig(), tmp_path,
                       log=lambda s: None)
     assert not report.seeds[0].verified and report.rounds == [] and report.chosen_round is None
+
+
+def test_verify_and_iterate_cli_end_to_end(tmp_path, capsys):
+    """The commands on real text: shards from JSONL with the bundled tokenizer, a stable run of a tiny model,
+    two candidates, a held-out text and the definitions QA rows; then one round of the loop."""
+    pytest.importorskip("fasttext")
+    from minicpm4.api import DEFAULT_MODEL_DIR
+    from minicpm4.cli import main
+    from minicpm4.data.shards import write_shards
+
+    root = Path(__file__).resolve().parents[1]
+    kb = [json.loads(line) for line in (root / "minicpm4/assets/survey-kb/kb.jsonl").read_text().splitlines()]
+    changelog = [json.loads(line)["text"] for line in (root / "tests/fixtures/ultraclean_pool.jsonl").read_text().splitlines()]
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for split, texts in (("train", changelog[:300]), ("val", changelog[300:])):
+        (corpus / f"{split}.jsonl").write_text("".join(json.dumps({"source": "changelog", "title": str(i), "text": t}) + "\n"
+                                                       for i, t in enumerate(texts)))
+    write_shards(corpus, DEFAULT_MODEL_DIR, tmp_path / "shards", show_progress=False)
+    write = lambda name, texts: (tmp_path / name).write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))  # noqa: E731
+    write("kb.jsonl", [e["abstract"] for e in kb[100:400]])
+    write("knowledge.jsonl", [e["abstract"] for e in kb[:100]])
+    write("changelog.jsonl", changelog[:150])
+    write("pool.jsonl", [e["abstract"] for e in kb[400:600]] + changelog[150:350])
+    heldout = tmp_path / "heldout.jsonl"
+    heldout.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Define {e['title']}."},
+                                                       {"role": "assistant", "content": e["abstract"][:200]}],
+                                          "task": "definition"}) + "\n" for e in kb[:20]))
+    from minicpm4.train.trainer import TrainConfig, train
+    stable = tmp_path / "stable"
+    windows = TokenWindows.from_folder(tmp_path / "shards", "train", SEQ)
+    train(tiny(vocab_size=8192), TrainConfig(out_dir=str(stable), steps=3, micro_batch_size=4, seq_len=SEQ,
+                                             progress=False, dtype="float32"), windows)
+    common = ["--stable", str(stable), "--default-data", str(tmp_path / "shards"), "--eval-text",
+              f"knowledge={tmp_path / 'knowledge.jsonl'}", "--heldout", str(heldout), "--steps", "2", "--seeds", "0,1",
+              "--eval-tokens", "1024"]
+    main(["data", "ultraclean", "verify", "--candidate", f"kb={tmp_path / 'kb.jsonl'}", "--candidate",
+          f"changelog={tmp_path / 'changelog.jsonl'}", *common, "--out", str(tmp_path / "verify")])
+    report = json.loads((tmp_path / "verify" / "report.json").read_text())
+    assert [c["name"] for c in report["comparisons"]] == ["kb", "changelog"]
+    metrics = report["comparisons"][0]["metrics"]
+    assert set(metrics) == {"loss/knowledge", "loss/default_val", "answer_nll"}
+    assert all(len(m["default"]) == len(m["candidate"]) == 2 for m in metrics.values())
+    assert report["comparisons"][0]["tokens"] == 2 * 4 * SEQ and report["stable_step"] == 3
+    assert "| +kb |" in (tmp_path / "verify" / "report.md").read_text()
+    assert "| +changelog |" in capsys.readouterr().out
+
+    main(["data", "ultraclean", "iterate", "--seed-set", f"kb={tmp_path / 'kb.jsonl'}", "--pool",
+          str(tmp_path / "pool.jsonl"), "--rounds", "1", *common, "--min-gain", "-1", "--out", str(tmp_path / "loop")])
+    loop = json.loads((tmp_path / "loop" / "report.json").read_text())
+    assert loop["seeds"][0]["verified"]  # min gain -1 with 2 seeds: verified unless the gain is far below noise
+    assert loop["unfiltered"]["name"] == "pool" and len(loop["rounds"]) == 1
+    assert Path(loop["rounds"][0]["classifier"]).is_file()
+
+    assert main(["data", "ultraclean", "verify", "--candidate", "nameless", *common, "--out", str(tmp_path / "x")]) == 2
+    assert "--candidate 'nameless': expected NAME=PATH" in capsys.readouterr().err

@@ -1,5 +1,6 @@
 """`minicpm4 data ultraclean train | score | filter`: the UltraClean fastText classifier on JSONL documents
-({"text": ...}, other fields kept).
+({"text": ...}, other fields kept). `pipeline` runs it as a datatrove pipeline (pipeline_cli.py); `verify` and
+`iterate` are the annealing verification and the UltraClean loop (verify_cli.py).
 
     minicpm4 data ultraclean train --positives seeds.jsonl --pool raw.jsonl --out quality.bin
     minicpm4 data ultraclean score --model quality.bin --input raw.jsonl --out scored.jsonl     # adds "quality"
@@ -24,9 +25,9 @@ def register_step(steps: argparse._SubParsersAction) -> None:
     from minicpm4.data.ultraclean.classifier import FastTextConfig
 
     d = FastTextConfig()
-    p = steps.add_parser("ultraclean", help="UltraClean fastText quality classifier: train | score | filter",
+    p = steps.add_parser("ultraclean", help="UltraClean quality filtering: train | score | filter | pipeline | verify | iterate",
                          description=__doc__.split("\n\n")[0])
-    inner = p.add_subparsers(dest="ultraclean_command", metavar="{train,score,filter,pipeline}")
+    inner = p.add_subparsers(dest="ultraclean_command", metavar="{train,score,filter,pipeline,verify,iterate}")
     inner.required = True
     t = inner.add_parser("train", help="train on positives vs balanced random negatives from the raw pool")
     t.add_argument("--positives", required=True, metavar="JSONL")
@@ -50,6 +51,10 @@ def register_step(steps: argparse._SubParsersAction) -> None:
     from minicpm4.data.ultraclean.pipeline_cli import register_pipeline
 
     register_pipeline(inner)  # data ultraclean pipeline: the same classifier as a datatrove pipeline
+
+    from minicpm4.data.ultraclean.verify_cli import register_verify
+
+    register_verify(inner)  # data ultraclean verify | iterate: annealing verification and the UltraClean loop
 
 
 def read_documents(path: str | Path) -> list[dict]:
