@@ -107,6 +107,8 @@ def test_anneal_comparison_end_to_end(stable, tmp_path):
     again = verifier.compare("pattern", pattern(6000, 5))
     assert again.metrics["loss/knowledge"].candidate == k.candidate
     assert (arms / "default-seed1" / "result.json").stat().st_mtime_ns == mtime
+    renamed = verifier.compare("pattern", noise(20_000, 7))  # another set under a cached name: run again
+    assert renamed.metrics["loss/knowledge"].candidate == same.metrics["loss/knowledge"].candidate
     table = markdown_table([good, same], evals.metric_names)
     assert "| +pattern |" in table and "| default mix |" in table and "yes" in table
 

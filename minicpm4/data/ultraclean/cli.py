@@ -22,9 +22,6 @@ from minicpm4.errors import UserError
 
 
 def register_step(steps: argparse._SubParsersAction) -> None:
-    from minicpm4.data.ultraclean.classifier import FastTextConfig
-
-    d = FastTextConfig()
     p = steps.add_parser("ultraclean", help="UltraClean quality filtering: train | score | filter | pipeline | verify | iterate",
                          description=__doc__.split("\n\n")[0])
     inner = p.add_subparsers(dest="ultraclean_command", metavar="{train,score,filter,pipeline,verify,iterate}")
@@ -33,9 +30,7 @@ def register_step(steps: argparse._SubParsersAction) -> None:
     t.add_argument("--positives", required=True, metavar="JSONL")
     t.add_argument("--pool", required=True, metavar="JSONL", help="the raw pool negatives are sampled from")
     t.add_argument("--out", required=True, metavar="FILE", help="the fastText model (.bin)")
-    for name, value in (("dim", d.dim), ("lr", d.lr), ("word-ngrams", d.word_ngrams), ("min-count", d.min_count),
-                        ("epoch", d.epoch), ("seed", d.seed), ("threads", d.threads)):
-        t.add_argument(f"--{name}", type=type(value), default=value)
+    add_fasttext_options(t)
     t.set_defaults(func=cmd_train)
     for name, help_ in (("score", "add each document's quality score"), ("filter", "keep documents scoring >= threshold")):
         s = inner.add_parser(name, help=help_)
@@ -55,6 +50,22 @@ def register_step(steps: argparse._SubParsersAction) -> None:
     from minicpm4.data.ultraclean.verify_cli import register_verify
 
     register_verify(inner)  # data ultraclean verify | iterate: annealing verification and the UltraClean loop
+
+
+def add_fasttext_options(p: argparse.ArgumentParser) -> None:
+    """fastText's training settings, defaulting to the report's (FastTextConfig)."""
+    from minicpm4.data.ultraclean.classifier import FastTextConfig
+
+    d = FastTextConfig()
+    for name, value in (("dim", d.dim), ("lr", d.lr), ("word-ngrams", d.word_ngrams), ("min-count", d.min_count),
+                        ("epoch", d.epoch), ("seed", d.seed), ("threads", d.threads)):
+        p.add_argument(f"--{name}", type=type(value), default=value)
+
+
+def fasttext_config(a: argparse.Namespace):
+    from minicpm4.data.ultraclean.classifier import FastTextConfig
+
+    return FastTextConfig(a.dim, a.lr, a.word_ngrams, a.min_count, a.epoch, a.threads, a.seed)
 
 
 def read_documents(path: str | Path) -> list[dict]:
@@ -84,12 +95,12 @@ def _tokenizer(a: argparse.Namespace):
 
 
 def cmd_train(a: argparse.Namespace) -> None:
-    from minicpm4.data.ultraclean.classifier import FastTextConfig, QualityClassifier, balanced_negatives
+    from minicpm4.data.ultraclean.classifier import QualityClassifier, balanced_negatives
 
     positives = [d["text"] for d in read_documents(a.positives)]
     pool = [d["text"] for d in read_documents(a.pool)]
     negatives = balanced_negatives(pool, len(positives), a.seed, exclude=set(positives))
-    cfg = FastTextConfig(a.dim, a.lr, a.word_ngrams, a.min_count, a.epoch, a.threads, a.seed)
+    cfg = fasttext_config(a)
     t0 = time.perf_counter()
     clf = QualityClassifier.train(positives, negatives, _tokenizer(a), cfg)
     clf.save(a.out)

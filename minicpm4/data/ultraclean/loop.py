@@ -117,6 +117,9 @@ def run_loop(verifier: Verifier, encode: Callable[[list[str]], np.ndarray], seed
         path.parent.mkdir(parents=True, exist_ok=True)
         clf.save(path)
         scores = clf.scores(pool)
+        if max(scores) - min(scores) < 0.05:  # fastText makes one update per document: few documents, no learning
+            log(f"round {r}: warning: every pool score is within [{min(scores):.3f}, {max(scores):.3f}]: the classifier "
+                "barely trained (more seed documents or more epochs)")
         kept_idx = {i for i, k in enumerate(keep(scores, cfg.threshold)) if k}
         kept = [pool[i] for i in sorted(kept_idx)]
         comparison = verifier.compare(f"filtered-r{r}", encode(kept), documents=len(kept)) if kept else None

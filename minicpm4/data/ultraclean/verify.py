@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import shutil
@@ -162,15 +163,30 @@ def consumed_items(stable: StableCheckpoint, data: PackedDataset, tcfg, seed: in
     return items
 
 
+def fingerprint(*parts) -> str:
+    """What an arm's result depends on: token streams (by content), settings, the stable checkpoint."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(np.ascontiguousarray(part).tobytes() if isinstance(part, np.ndarray) else repr(part).encode())
+    return h.hexdigest()[:16]
+
+
 def run_arm(stable: StableCheckpoint, data: PackedDataset, evals: EvalSets, cfg: AnnealConfig, seed: int,
-            out_dir: Path, candidate_share: float = 0.0) -> dict:
-    """One annealing run from the stable checkpoint, evaluated; cached in out_dir/result.json."""
+            out_dir: Path, candidate_share: float = 0.0, key: str = "") -> dict:
+    """One annealing run from the stable checkpoint, evaluated; cached in out_dir/result.json under `key` (an arm
+    folder whose key differs, e.g. the same name for another candidate set, is run again from scratch)."""
     from minicpm4.train.distributed import unwrap
     from minicpm4.train.trainer import train
 
     done = out_dir / RESULT_FILE
     if done.is_file():
-        return json.loads(done.read_text(encoding="utf-8"))
+        cached = json.loads(done.read_text(encoding="utf-8"))
+        if cached.get("key") == key:
+            return cached
+    if done.is_file() or (out_dir / "key").is_file() and (out_dir / "key").read_text() != key:
+        shutil.rmtree(out_dir)  # another candidate (or setting) under this name: its checkpoints must not resume
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "key").write_text(key)
     tcfg = anneal_train_config(stable, cfg, seed, out_dir)
     own = latest_checkpoint(out_dir)  # a killed arm continues from its own checkpoint
     result = train(stable.model_config, tcfg, data, resume=str(own or stable.path))
@@ -179,7 +195,7 @@ def run_arm(stable: StableCheckpoint, data: PackedDataset, evals: EvalSets, cfg:
                if line.strip()]
     lrs = [r["lr"] for r in records if "lr" in r and r["step"] > stable.state.step]
     tokens = cfg.steps * tcfg.micro_batch_size * tcfg.grad_accum * stable.state.world_size * tcfg.seq_len
-    record = {"seed": seed, "metrics": metrics, "tokens": tokens, "steps": cfg.steps, "lr": lrs,
+    record = {"key": key, "seed": seed, "metrics": metrics, "tokens": tokens, "steps": cfg.steps, "lr": lrs,
               "candidate_share": candidate_share, "final_train_loss": result.losses[-1] if result.losses else None}
     write_text_atomic(done, json.dumps(record, indent=1) + "\n")
     if not cfg.keep_checkpoints:
@@ -239,8 +255,16 @@ class Verifier:
     def _arm_dir(self, name: str, seed: int) -> Path:
         return self.work / "arms" / f"{name}-seed{seed}"
 
+    def _key(self, seed: int, *candidate) -> str:
+        settings = dataclasses.replace(self.cfg, seeds=(seed,), keep_checkpoints=False, significance=0, min_gain=0)
+        evals = [self.evals.losses[n] for n in sorted(self.evals.losses)]
+        answers = [(r.question, r.answer) for r in self.evals.answers]
+        return fingerprint(str(self.stable.path), self.stable.state.step, settings, self.default.tokens, *evals,
+                           answers, self.evals.primary, *candidate)
+
     def default_arm(self, seed: int) -> dict:
-        return run_arm(self.stable, self.default, self.evals, self.cfg, seed, self._arm_dir("default", seed))
+        return run_arm(self.stable, self.default, self.evals, self.cfg, seed, self._arm_dir("default", seed),
+                       key=self._key(seed))
 
     def compare(self, name: str, candidate_tokens: np.ndarray, documents: int = 0) -> Comparison:
         if name == "default" or not name.replace("-", "").replace("_", "").isalnum():
@@ -255,7 +279,8 @@ class Verifier:
             tcfg = anneal_train_config(self.stable, self.cfg, seed, self._arm_dir(name, seed))
             share = mix.fraction_of(0, consumed_items(self.stable, mix, tcfg, seed))
             defaults.append(self.default_arm(seed))
-            arms.append(run_arm(self.stable, mix, self.evals, self.cfg, seed, self._arm_dir(name, seed), share))
+            arms.append(run_arm(self.stable, mix, self.evals, self.cfg, seed, self._arm_dir(name, seed), share,
+                                key=self._key(seed, candidate_tokens)))
             shares.append(share)
         gains = {m: metric_gain([d["metrics"][m] for d in defaults], [a["metrics"][m] for a in arms],
                                 self.cfg.significance, self.cfg.min_gain) for m in self.evals.metric_names}

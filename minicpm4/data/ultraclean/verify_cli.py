@@ -35,6 +35,10 @@ def register_verify(inner: argparse._SubParsersAction) -> None:
     it.add_argument("--rounds", type=int, default=2)
     it.add_argument("--threshold", type=float, default=0.5)
     it.add_argument("--max-pool-docs", type=int, default=None, help="use the first N pool documents")
+    g = it.add_argument_group("fastText (defaults: the report's; small seed sets need more --epoch, e.g. 25)")
+    from minicpm4.data.ultraclean.cli import add_fasttext_options
+
+    add_fasttext_options(g)
     for p in (v, it):
         p.add_argument("--stable", required=True, metavar="RUN_OR_CHECKPOINT")
         p.add_argument("--default-data", required=True, metavar="SHARDS", help="token shards: train.bin = default mix")
@@ -141,6 +145,7 @@ def cmd_verify(a: argparse.Namespace) -> None:
 
 
 def cmd_iterate(a: argparse.Namespace) -> None:
+    from minicpm4.data.ultraclean.cli import fasttext_config
     from minicpm4.data.ultraclean.loop import LoopConfig, run_loop
 
     if a.rounds < 1:
@@ -151,5 +156,5 @@ def cmd_iterate(a: argparse.Namespace) -> None:
     seed_sets = {name: _texts(path) for name, path in _named(a.seed_set, "--seed-set").items()}
     pool = _texts(Path(a.pool))[: a.max_pool_docs]
     report = run_loop(setup.verifier, setup.encode, seed_sets, pool, setup.encoder.tokenizer,
-                      LoopConfig(rounds=a.rounds, threshold=a.threshold), setup.out)
+                      LoopConfig(rounds=a.rounds, threshold=a.threshold, fasttext=fasttext_config(a)), setup.out)
     setup.write(report.to_dict(), report.comparisons)
