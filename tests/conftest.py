@@ -36,3 +36,14 @@ def hub_folder():
     """`hub_folder(path, cfg, seed=5)` writes a MiniCPM4 folder laid out as on the Hub (config, safetensors,
     the bundled tokenizer files) from a randomly initialised model of cfg; returns path."""
     return _save_hub_folder
+
+
+@pytest.fixture(scope="module")
+def bwrap():
+    """The bubblewrap sandbox (RL code rewards, synthesis code checks): skips, saying why, where it cannot run."""
+    from minicpm4.train.rl.sandbox import SandboxUnavailable, check_sandbox
+
+    try:
+        check_sandbox()
+    except SandboxUnavailable as e:
+        pytest.skip(str(e))

@@ -21,16 +21,7 @@ from minicpm4.data.synth.verdict import Verdict
 from minicpm4.data.synth.verify_answers import verify_code, verify_math
 from minicpm4.errors import UserError
 from minicpm4.train.rl import sandbox
-from minicpm4.train.rl.sandbox import SandboxUnavailable, check_sandbox
-
-
-@pytest.fixture(scope="module")
-def bwrap():
-    """Skip, saying why, where bubblewrap cannot run (as tests/train_rl/conftest.py does for the RL tests)."""
-    try:
-        check_sandbox()
-    except SandboxUnavailable as e:
-        pytest.skip(str(e))
+from minicpm4.train.rl.sandbox import SandboxUnavailable
 
 
 # ---- math -------------------------------------------------------------------------------------------------------
