@@ -1,6 +1,6 @@
 """The UltraClean verification table: default mix vs + candidate seed sets vs + classifier-filtered pool, with seed
-noise, on a small model (the bundled model's vocabulary and muP settings at width 128, 2 layers: 2.4M parameters,
-most of them the embedding) that a 2-core CPU trains at ~2,500 tokens/s.
+noise, on a small model (the bundled model's vocabulary and muP settings at width 128, 2 layers: 1.4M parameters,
+most of them the embedding) that a 2-core CPU trains at ~1,300-2,600 tokens/s.
 
     make corpus && .venv/bin/python -m minicpm4.cli data pool --out build/data/pool
     .venv/bin/python benchmarks/ultraclean_verify.py            # ~15 min on 2 cores; resumes where it stopped
