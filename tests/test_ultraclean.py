@@ -68,6 +68,19 @@ def test_classifier_separates_knowledge_dense_text_from_changelogs(tokenizer, tm
     assert again.scores(test_pos[:5]) == pytest.approx(pos_scores[:5])
 
 
+def test_bucket_setting_sizes_the_model_file(tokenizer, tmp_path):
+    """The report's settings leave fastText's 2M n-gram buckets (a ~2 GB file at dim 256); fewer buckets, smaller file."""
+    positives = [json.loads(line)["abstract"] for line in KB.read_text().splitlines()][:100]
+    pool = [json.loads(line)["text"] for line in POOL.read_text().splitlines()][:100]
+    sizes = {}
+    for bucket in (10_000, 40_000):
+        clf = QualityClassifier.train(positives, pool, tokenizer, FastTextConfig(dim=32, bucket=bucket, threads=1))
+        clf.save(tmp_path / f"{bucket}.bin")
+        sizes[bucket] = (tmp_path / f"{bucket}.bin").stat().st_size
+    assert sizes[40_000] - sizes[10_000] == pytest.approx(30_000 * 32 * 4, rel=0.01)
+    assert FastTextConfig().bucket == 2_000_000
+
+
 def test_keep_is_exactly_by_threshold():
     assert keep([0.49999, 0.5, 0.73, 0.0, 1.0], 0.5) == [False, True, True, False, True]
     assert keep([0.7], 0.7) == [True] and keep([0.69], 0.7) == [False]

@@ -229,9 +229,11 @@ def test_verify_and_iterate_cli_end_to_end(tmp_path, capsys):
               f"knowledge={tmp_path / 'knowledge.jsonl'}", "--heldout", str(heldout), "--steps", "2", "--seeds", "0,1",
               "--eval-tokens", "1024"]
     main(["data", "ultraclean", "verify", "--candidate", f"kb={tmp_path / 'kb.jsonl'}", "--candidate",
-          f"changelog={tmp_path / 'changelog.jsonl'}", *common, "--out", str(tmp_path / "verify")])
+          f"changelog={tmp_path / 'changelog.jsonl'}", "--candidate", f"shards={tmp_path / 'shards'}", *common,
+          "--out", str(tmp_path / "verify")])
     report = json.loads((tmp_path / "verify" / "report.json").read_text())
-    assert [c["name"] for c in report["comparisons"]] == ["kb", "changelog"]
+    assert [c["name"] for c in report["comparisons"]] == ["kb", "changelog", "shards"]
+    assert report["comparisons"][2]["candidate_documents"] == 300  # a shards folder: its train split
     metrics = report["comparisons"][0]["metrics"]
     assert set(metrics) == {"loss/knowledge", "loss/default_val", "answer_nll"}
     assert all(len(m["default"]) == len(m["candidate"]) == 2 for m in metrics.values())

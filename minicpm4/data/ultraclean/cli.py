@@ -58,14 +58,15 @@ def add_fasttext_options(p: argparse.ArgumentParser) -> None:
 
     d = FastTextConfig()
     for name, value in (("dim", d.dim), ("lr", d.lr), ("word-ngrams", d.word_ngrams), ("min-count", d.min_count),
-                        ("epoch", d.epoch), ("seed", d.seed), ("threads", d.threads)):
+                        ("epoch", d.epoch), ("seed", d.seed), ("threads", d.threads), ("bucket", d.bucket)):
         p.add_argument(f"--{name}", type=type(value), default=value)
 
 
 def fasttext_config(a: argparse.Namespace):
     from minicpm4.data.ultraclean.classifier import FastTextConfig
 
-    return FastTextConfig(a.dim, a.lr, a.word_ngrams, a.min_count, a.epoch, a.threads, a.seed)
+    return FastTextConfig(dim=a.dim, lr=a.lr, word_ngrams=a.word_ngrams, min_count=a.min_count, epoch=a.epoch,
+                          threads=a.threads, seed=a.seed, bucket=a.bucket)
 
 
 def read_documents(path: str | Path) -> list[dict]:

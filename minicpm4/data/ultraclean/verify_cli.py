@@ -28,7 +28,8 @@ def register_verify(inner: argparse._SubParsersAction) -> None:
 
     d = AnnealConfig()
     v = inner.add_parser("verify", help="anneal on candidate + default mix vs default mix alone, from a stable checkpoint")
-    v.add_argument("--candidate", action="append", required=True, metavar="NAME=JSONL", help="repeatable")
+    v.add_argument("--candidate", action="append", required=True, metavar="NAME=JSONL|SHARDS",
+                   help="repeatable; a token-shard folder: its train split (for candidates too big to re-tokenise)")
     it = inner.add_parser("iterate", help="the UltraClean loop: verify seeds, train, filter, verify, relabel, repeat")
     it.add_argument("--seed-set", action="append", required=True, metavar="NAME=JSONL", help="repeatable")
     it.add_argument("--pool", required=True, metavar="JSONL", help="the raw pool to filter (and draw negatives from)")
@@ -138,9 +139,15 @@ class _Setup:
 def cmd_verify(a: argparse.Namespace) -> None:
     setup = _Setup(a)
     comparisons = []
+    from minicpm4.train.data import open_tokens, read_meta
+
     for name, path in _named(a.candidate, "--candidate").items():
-        texts = _texts(path)
-        comparisons.append(setup.verifier.compare(name, setup.encode(texts), documents=len(texts)))
+        if path.is_dir():
+            documents = int(read_meta(path).get("num_documents", {}).get("train", 0))
+            comparisons.append(setup.verifier.compare(name, np.asarray(open_tokens(path, "train")), documents))
+        else:
+            texts = _texts(path)
+            comparisons.append(setup.verifier.compare(name, setup.encode(texts), documents=len(texts)))
     setup.write({"comparisons": [c.to_dict() for c in comparisons]}, comparisons)
 
 
