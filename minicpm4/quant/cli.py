@@ -46,7 +46,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "data (same formats as --calib; .npy token ids are windowed as the default model's val set)")
     p.add_argument("--eval-tokens", type=int, default=65536, help="tokens of --eval used (default 65536)")
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto",
-                   help="compute dtype of the quantized model (scales, norms, embedding)")
+                   help="compute dtype of the quantized model (scales, norms, embedding); auto computes in the fast "
+                   "dtype for this CPU and writes the float tensors in the source checkpoint's dtype, an explicit "
+                   "dtype is also the one written")
     p.set_defaults(func=cmd_quantize)
 
 
@@ -96,7 +98,7 @@ def summarize_errors(layers) -> list[str]:
 
 def cmd_quantize(args: argparse.Namespace) -> None:
     from minicpm4.api import parse_dtype
-    from minicpm4.checkpoint import copy_tokenizer_files, load_model, save_model
+    from minicpm4.checkpoint import checkpoint_dtype, copy_tokenizer_files, load_model, save_model
     from minicpm4.config import MiniCPMConfig
     from minicpm4.data import progress
     from minicpm4.quant import GPTQConfig, quantize_
@@ -135,7 +137,9 @@ def cmd_quantize(args: argparse.Namespace) -> None:
             bar.update(1)
         report = quantize_(model, config, calibration=calib, progress=tick)
     seconds = time.perf_counter() - t0
-    out = save_model(model, out)
+    # "auto" may compute in fp32 (a CPU without native bf16), but the folder is for any machine: a bf16 source
+    # stays bf16 on disk (its values are bf16-exact, so nothing is lost), not twice its size.
+    out = save_model(model, out, dtype=checkpoint_dtype(src) if args.dtype == "auto" else parse_dtype(args.dtype))
     copy_tokenizer_files(src, out)
     size_in, size_out = _folder_bytes(src), _folder_bytes(out)
     lines = [f"{report.method}, group size {config.group_size}: {seconds:.1f} s; wrote {out}",

@@ -97,11 +97,10 @@ def test_kv_after_compaction_equals_plain_decoding(model, reference):
             for pool in ("k", "v"):
                 a = _keys(getattr(spec.runner.cache, pool)[layer], seq.block_table, n)
                 b = _keys(getattr(plain.runner.cache, pool)[layer], plain_seq.block_table, n)
-                # Layer 0's K/V depend on the tokens only: bitwise. Deeper layers see attention outputs that the
-                # tree path sums in another order than the paged kernel: fp32 rounding (a wrong or misplaced
-                # row would differ by O(1)).
-                tol = 0 if layer == 0 else 1e-5
-                torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+                # fp32 rounding only: the tree path projects several rows in one matmul (on AVX2 CPUs another
+                # GEMM blocking than one row, so even layer 0 differs in the last bits) and deeper layers sum
+                # attention in another order than the paged kernel; a wrong or misplaced row differs by O(1).
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
         checked += 1
     assert checked > 3 and spec.stats.spec_tokens_total > 1.5 * spec.stats.spec_verify_total
 
